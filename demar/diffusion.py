@@ -217,7 +217,9 @@ def randn(
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
-def _randint(high: int, shape: Sequence[int], *, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _randint(
+    high: int, shape: Sequence[int], *, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
     if generator is not None and generator.device.type != torch.device(device).type:
         return torch.randint(0, high, tuple(shape), generator=generator, device=generator.device).to(device)
     return torch.randint(0, high, tuple(shape), generator=generator, device=device)
@@ -418,7 +420,9 @@ class GaussianDiffusion:
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps (DDPM eq. 4 solved for x_0)."""
-        return self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._at("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        return (
+            self._at("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._at("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
 
     # ------------------------------------------------------------------ reverse process
 

@@ -1,0 +1,293 @@
+"""De-MAR's Transformer diffusion head (method.md, training step 5, "Transformer head").
+
+Token i is denoised by a stack of blocks whose only access to the image is
+cross-attention to the normalised conditional tokens of ALL N positions; the
+noisy tokens never attend to each other, so every token is independent given z.
+
+    x_0  = input_proj(x^t_i)                                   # d -> w
+    c_i  = W_c SiLU(z_i + te) + b_c                            # ONCE per call, shared by all blocks
+                                                               # (z_i projected D -> w when D != w)
+    z'   = norm(z_all)                                         # all N positions
+    block j:  (alpha1, beta1, alpha2, beta2) = split(scale_j * c_i + shift_j)
+              u      = CrossAttn(query = alpha1 * norm(x_j), keys = values = z')
+              y      = x_j + tanh(beta1) * norm(u)
+              f      = FFN(alpha2 * norm(y))
+              x_j+1  = y + tanh(beta2) * norm(f)
+    out = Linear(norm(x_depth))                                # w -> 2d, zero-initialised
+
+The attention keys/values depend on z only, so :meth:`TransformerHead.prepare`
+computes them once per autoregressive step (``cache_kv=True``) and every diffusion
+step reuses them; ``cache_kv=False`` recomputes them inside every ``denoise`` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from demar.config import StrictConfig
+from demar.diffusion import DiffusionConfig
+from demar.diffusion_head import DiffusionHead
+from demar.embeddings import TimestepEmbedder
+
+__all__ = ["TransformerCondition", "TransformerHead", "TransformerHeadConfig", "transformer_head_param_count"]
+
+KeysValues = tuple[torch.Tensor, torch.Tensor]
+
+
+class TransformerHeadConfig(StrictConfig):
+    """Hyperparameters of the Transformer diffusion head.
+
+    Attributes:
+        depth: number of blocks (De-MAR-B/L/H: 4 / 6 / 9).
+        width: hidden width w; must be divisible by ``num_heads``.
+        num_heads: attention heads of the cross-attention.
+        mlp_ratio: FFN hidden width as a multiple of w.
+        diffusion_batch_mul: (t, eps) draws per conditional token in training (MAR: 4).
+        frequency_embedding_size: sinusoidal timestep features (256, as MAR).
+        grad_checkpointing: recompute the blocks in the backward pass to save memory.
+    """
+
+    depth: int = Field(4, ge=1)
+    width: int = Field(1024, ge=1)
+    num_heads: int = Field(16, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0.0)
+    diffusion_batch_mul: int = Field(4, ge=1)
+    frequency_embedding_size: int = Field(256, ge=2)
+    grad_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> TransformerHeadConfig:
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+@dataclass(frozen=True)
+class TransformerCondition:
+    """What :meth:`TransformerHead.prepare` computes once per call.
+
+    Attributes:
+        z: the tokens' own conditions, projected to w: ``[B, M, w]``.
+        z_norm: ``z' = norm(z_all)``: ``[B, N, D]``.
+        kv: per block ``(keys, values)``, each ``[B, heads, N, w / heads]``; None when not cached.
+    """
+
+    z: torch.Tensor
+    z_norm: torch.Tensor
+    kv: list[KeysValues] | None
+
+
+def _norm(width: int) -> nn.LayerNorm:
+    # Affine-free: every norm in the head is followed by a learned scale (alpha, tanh(beta))
+    # or by a Linear, which would absorb a LayerNorm's own weight and bias.
+    return nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries from the noisy tokens to keys/values from z'.
+
+    Args:
+        width: query and output width w.
+        kv_dim: width D of the keys' and values' source z'.
+        num_heads: number of heads.
+    """
+
+    def __init__(self, width: int, kv_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(kv_dim, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def keys_values(self, z_norm: torch.Tensor) -> KeysValues:
+        """Project ``z' [B, N, D]`` to keys and values, each ``[B, heads, N, w / heads]``."""
+        bsz, n, _ = z_norm.shape
+        kv = self.kv(z_norm).view(bsz, n, 2, self.num_heads, -1)  # [B, N, 2, H, hd]
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [B, H, N, hd]
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: KeysValues) -> torch.Tensor:
+        """Queries ``x [B, L, w]`` (L independent tokens of each image) -> ``[B, L, w]``."""
+        bsz, length, width = x.shape
+        q = self.q(x).view(bsz, length, self.num_heads, -1).transpose(1, 2)  # [B, H, L, hd]
+        k, v = kv
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))  # [B, H, L, hd]
+        return self.proj(out.transpose(1, 2).reshape(bsz, length, width))  # [B, L, w]
+
+
+class HeadBlock(nn.Module):
+    """One block of the Transformer head, modulated by the shared context c (method.md step 5).
+
+    Args:
+        width: w.
+        cond_dim: D, the width of z' (keys/values source).
+        num_heads: attention heads.
+        mlp_ratio: FFN hidden width / w.
+    """
+
+    def __init__(self, width: int, cond_dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        # c^ = scale_j * c + shift_j, split into (alpha1, beta1, alpha2, beta2); init in
+        # TransformerHead.initialize_weights.
+        self.scale = nn.Parameter(torch.ones(4 * width))
+        self.shift = nn.Parameter(torch.zeros(4 * width))
+        self.norm1 = _norm(width)
+        self.attn = CrossAttention(width, cond_dim, num_heads)
+        self.norm_attn = _norm(width)
+        self.norm2 = _norm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.norm_mlp = _norm(width)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, kv: KeysValues) -> torch.Tensor:
+        """``x [B, L, w]``, shared context ``c [B, L, 4w]``, keys/values of z' -> ``[B, L, w]``."""
+        alpha1, beta1, alpha2, beta2 = (self.scale * c + self.shift).chunk(4, dim=-1)  # 4 x [B, L, w]
+        u = self.attn(alpha1 * self.norm1(x), kv)  # [B, L, w]
+        y = x + torch.tanh(beta1) * self.norm_attn(u)  # [B, L, w]
+        f = self.mlp(alpha2 * self.norm2(y))  # [B, L, w]
+        return y + torch.tanh(beta2) * self.norm_mlp(f)  # [B, L, w]
+
+
+class FinalLayer(nn.Module):
+    """Affine-free LayerNorm and a zero-initialised Linear w -> out.
+
+    Args:
+        width: w.
+        out_channels: 2d with learn_sigma, else d.
+    """
+
+    def __init__(self, width: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = _norm(width)
+        self.linear = nn.Linear(width, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., w] -> [..., out]``."""
+        return self.linear(self.norm_final(x))
+
+
+class TransformerHead(DiffusionHead):
+    """The Transformer diffusion head: cross-attention to all N conditional tokens, one shared adaLN.
+
+    Args:
+        cfg: the head's hyperparameters.
+        token_dim: token channels d.
+        cond_dim: width D of the conditional tokens.
+        diffusion: diffusion hyperparameters (default: cosine, T = 1000, learn_sigma).
+    """
+
+    def __init__(
+        self,
+        cfg: TransformerHeadConfig,
+        *,
+        token_dim: int,
+        cond_dim: int,
+        diffusion: DiffusionConfig | None = None,
+    ) -> None:
+        super().__init__(token_dim, cond_dim, diffusion or DiffusionConfig(), cfg.diffusion_batch_mul)
+        self.cfg = cfg
+        w = cfg.width
+        self.input_proj = nn.Linear(token_dim, w)
+        self.time_embed = TimestepEmbedder(w, cfg.frequency_embedding_size)
+        # z_i enters the adaLN context directly when D == w (method.md: c^_i = z_i + te).
+        self.cond_embed: nn.Module = nn.Linear(cond_dim, w) if cond_dim != w else nn.Identity()
+        # The shared adaptive normalisation: c_i = W_c SiLU(z_i + te) + b_c (PixArt-alpha style).
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(w, 4 * w))
+        self.z_norm = _norm(cond_dim)
+        self.blocks = nn.ModuleList([HeadBlock(w, cond_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(w, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """All weight init in one place.
+
+        - Linear layers: xavier-uniform weights, zero biases (MAR / DiT); the timestep MLP
+          normal(0, 0.02) (DiT).
+        - Shared adaLN projection W_c, b_c: zero, so c = 0 at start (adaLN-Zero, DiT's best).
+        - scale_j = 1; shift_j = 1 on the alpha parts and 0 on the beta parts: at start
+          alpha = 1 (plain pre-norm queries / FFN input) and tanh(beta) = 0, so every
+          block is the identity, as DiT's zero-initialised gates make it. With a zero
+          shift instead, alpha = 0 would also silence the queries and FFN inputs.
+        - Output Linear: zero, so the head's first prediction is eps = 0, v = 0.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        w = self.cfg.width
+        for block in self.blocks:
+            nn.init.ones_(block.scale)
+            with torch.no_grad():
+                block.shift.zero_()
+                block.shift[0:w] = 1.0  # alpha1
+                block.shift[2 * w : 3 * w] = 1.0  # alpha2
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def prepare(self, z: torch.Tensor, z_all: torch.Tensor | None, *, cache_kv: bool = True) -> TransformerCondition:
+        """Once per call: ``z [B, M, D] -> [B, M, w]``, ``z' = norm(z_all [B, N, D])`` and, with
+        ``cache_kv``, every block's keys/values of z'."""
+        if z_all is None:
+            raise ValueError("the transformer head needs z_all, the conditional tokens of all positions")
+        if z_all.shape[0] != z.shape[0]:
+            raise ValueError(f"z has {z.shape[0]} rows but z_all has {z_all.shape[0]}")
+        dtype = self._dtype
+        zc = self.cond_embed(z.to(dtype))  # [B, M, w]
+        z_norm = self.z_norm(z_all.to(dtype))  # [B, N, D]
+        kv = [block.attn.keys_values(z_norm) for block in self.blocks] if cache_kv else None
+        return TransformerCondition(z=zc, z_norm=z_norm, kv=kv)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TransformerCondition) -> torch.Tensor:
+        """``x_t [B, M, d]``, ``t [B, M]`` -> ``[B, M, out_channels]``."""
+        x = self.input_proj(x_t)  # [B, M, w]
+        c = self.adaLN_modulation(cond.z + self.time_embed(t))  # [B, M, 4w], shared by all blocks
+        for j, block in enumerate(self.blocks):
+            kv = cond.kv[j] if cond.kv is not None else block.attn.keys_values(cond.z_norm)  # 2 x [B, H, N, hd]
+            if self.cfg.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, kv, use_reentrant=False)
+            else:
+                x = block(x, c, kv)  # [B, M, w]
+        return self.final_layer(x)  # [B, M, out_channels]
+
+
+def transformer_head_param_count(
+    depth: int,
+    width: int,
+    token_dim: int,
+    cond_dim: int,
+    *,
+    mlp_ratio: float = 4.0,
+    learn_sigma: bool = True,
+    frequency_embedding_size: int = 256,
+) -> int:
+    """Parameters of :class:`TransformerHead` in closed form (for the size registry).
+
+    Per block: ``q w(w+1) + kv 2w(D+1) + proj w(w+1) + FFN 2hw + h + w + scale/shift 8w``
+    (``h = int(w * mlp_ratio)``); once: ``input_proj (d+1)w + time_embed (F+1)w + (w+1)w
+    + cond_embed (D+1)w [only if D != w] + shared adaLN 4w(w+1) + final (w+1) o``, ``o = 2d`` (``d``).
+
+    Args:
+        depth: blocks.
+        width: w.
+        token_dim: d.
+        cond_dim: D.
+        mlp_ratio: FFN ratio (default 4.0).
+        learn_sigma: output 2d channels (default True).
+        frequency_embedding_size: F (default 256).
+    """
+    w, d, f, big_d = width, token_dim, frequency_embedding_size, cond_dim
+    h = int(w * mlp_ratio)
+    out = 2 * d if learn_sigma else d
+    block = 2 * w * (w + 1) + 2 * w * (big_d + 1) + 2 * h * w + h + w + 8 * w
+    cond = (big_d + 1) * w if big_d != w else 0
+    return (d + 1) * w + (f + 1) * w + (w + 1) * w + cond + 4 * w * (w + 1) + depth * block + (w + 1) * out
