@@ -1,0 +1,250 @@
+"""Build every report from the stages' metric files: ``python -m reports.build``.
+
+Reads ``params.yaml`` (its ``rows:`` and optional ``report:`` section), the metric
+files of every row, the sample grids and the MLflow store, and writes to the
+output folder (``reports/out/`` by default):
+
+* ``table4.{csv,md,tex}``: the ablation table, ours beside the paper's;
+* ``table2.{csv,md,tex}``: the paper's system comparison with our rows in the Mask. group;
+* ``rows.{csv,md,tex}``: one line per row, unaveraged;
+* ``fig4a_time_fid.{png,svg}``, ``fig4b_params_fid.{png,svg}``: Figure 4;
+* ``fig_train_curves.{png,svg}``: training curves from MLflow (when it has them);
+* ``mlflow_runs.{csv,md}``: the cross-stage comparison from MLflow;
+* ``index.html``: all of the above on one page that works offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+import pandas as pd
+from pydantic import Field
+
+from demar.config import StrictConfig, validate
+from demar.io import atomic_write_text
+from reports import figures
+from reports.data import RowData, load_row_data
+from reports.html import image_tag, render_page, table_html
+from reports.mlflow_runs import MlflowComparison, compare_runs
+from reports.tables import Table, build_rows_table, build_table2, build_table4, paper_table, to_markdown, write_table
+
+__all__ = ["ReportConfig", "ReportResult", "arg_parser", "build_report", "main", "preset_of"]
+
+DEFAULT_PRESET = "embedded"  # the preset of a params.yaml without a top-level `preset` key
+
+
+def preset_of(params: dict) -> str:
+    """The preset named by a loaded ``params.yaml`` (its top-level ``preset`` key, default ``"embedded"``)."""
+    return str(params.get("preset", DEFAULT_PRESET))
+
+
+class ReportConfig(StrictConfig):
+    """The ``report:`` section of ``params.yaml`` (every key optional).
+
+    Args:
+        confidence: coverage of the t-intervals over seeds (default 0.95).
+        table4_sizes: the sizes shown in Table 4; None shows every size run with two
+            ablations or more (default None).
+        ours_with_cfg: our evaluation samples with classifier-free guidance, so Table 2
+            puts our numbers in the guided columns (default True).
+        paper_overlay: Figure 4b gets a second panel with the paper's B/L/H points (default True).
+        figure_dpi: resolution of the PNG figures (default 150).
+        grid_max_px: longest side of a sample grid in the HTML page; None embeds it as
+            it is (default 768).
+        mlflow_metrics: metrics shown in the MLflow comparison, those present
+            (default the train and evaluate headline metrics).
+        curve_metric: the training metric drawn from MLflow's history; None draws no
+            curves (default ``"loss"``).
+    """
+
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    table4_sizes: tuple[str, ...] | None = None
+    ours_with_cfg: bool = True
+    paper_overlay: bool = True
+    figure_dpi: int = Field(150, ge=50)
+    grid_max_px: int | None = Field(768, ge=64)
+    mlflow_metrics: tuple[str, ...] = (
+        "loss",
+        "tokens_per_s",
+        "wall_s",
+        "fid",
+        "is",
+        "precision",
+        "recall",
+        "kid",
+        "class_accuracy",
+        "sec_per_image",
+    )
+    curve_metric: str | None = "loss"
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What :func:`build_report` wrote.
+
+    Args:
+        outputs: every file written.
+        tables: the tables, by stem.
+        mlflow: the MLflow comparison.
+        notes: remarks shown at the top of the HTML page (missing grids, MLflow state).
+    """
+
+    outputs: list[Path]
+    tables: dict[str, Table]
+    mlflow: MlflowComparison
+    notes: list[str] = field(default_factory=list)
+
+
+def _write_mlflow(comparison: MlflowComparison, out_dir: Path) -> list[Path]:
+    csv, md = out_dir / "mlflow_runs.csv", out_dir / "mlflow_runs.md"
+    table = comparison.table if comparison.table is not None else pd.DataFrame(columns=["row", "stage", "run_id"])
+    atomic_write_text(csv, table.to_csv(index=False))
+    body = to_markdown(table.astype(object).fillna("")) if comparison.table is not None else ""
+    atomic_write_text(md, f"{comparison.note}\n\n{body}")
+    return [csv, md]
+
+
+def _grids_html(rows: list[RowData], max_px: int | None) -> str:
+    cells = []
+    for row in rows:
+        caption = f"{row.name} ({row.ref.ablation}, {row.ref.size}, seed {row.ref.seed})"
+        img = image_tag(row.grid, f"samples of {row.name}", max_px) if row.grid else "<p>no sample grid</p>"
+        cells.append(f"<figure>{img}<figcaption>{escape(caption)}</figcaption></figure>")
+    return f'<div class="grids">{"".join(cells)}</div>'
+
+
+def build_report(
+    params_path: str | os.PathLike[str] = "params.yaml",
+    metrics_dir: str | os.PathLike[str] = "metrics",
+    samples_dir: str | os.PathLike[str] = "samples",
+    out_dir: str | os.PathLike[str] = "reports/out",
+    *,
+    tracking_uri: str | None = None,
+    use_mlflow: bool = True,
+) -> ReportResult:
+    """Build all tables, figures, the MLflow comparison and the HTML page.
+
+    Args:
+        params_path: ``params.yaml`` (default ``"params.yaml"``).
+        metrics_dir: the stages' metric folder (default ``"metrics"``).
+        samples_dir: the sample grids' folder (default ``"samples"``).
+        out_dir: where the reports go (default ``"reports/out"``).
+        tracking_uri: the MLflow store; None means ``demar.tracking.tracking_uri()`` (default None).
+        use_mlflow: read MLflow for the comparison and training curves (default True).
+
+    Raises:
+        reports.data.MissingMetricsError: a row of ``params.yaml`` lacks a metric file.
+        reports.data.StaleMetricsError: a metric file disagrees with ``params.yaml``.
+        demar.config.ConfigError: ``params.yaml`` is invalid.
+    """
+    params, rows = load_row_data(params_path, metrics_dir, samples_dir)
+    cfg = validate(ReportConfig, params.get("report"), source=str(params_path), prefix="report")
+    preset = preset_of(params)
+    out = Path(out_dir)
+    outputs: list[Path] = []
+    notes: list[str] = []
+
+    tables = {
+        t.stem: t
+        for t in (
+            build_table4(
+                rows,
+                preset=preset,
+                confidence=cfg.confidence,
+                sizes=list(cfg.table4_sizes) if cfg.table4_sizes else None,
+            ),
+            build_table2(rows, preset=preset, confidence=cfg.confidence, ours_with_cfg=cfg.ours_with_cfg),
+            build_rows_table(rows),
+        )
+    }
+    for table in tables.values():
+        outputs += write_table(table, out)
+
+    fig_paths = {
+        "Figure 4a: inference time vs FID": figures.save_figure(
+            figures.figure4a(rows), out, "fig4a_time_fid", dpi=cfg.figure_dpi
+        ),
+        "Figure 4b: parameters vs FID": figures.save_figure(
+            figures.figure4b(rows, paper_table("table2_imagenet256") if cfg.paper_overlay else None, cfg.confidence),
+            out,
+            "fig4b_params_fid",
+            dpi=cfg.figure_dpi,
+        ),
+    }
+
+    if use_mlflow:
+        comparison = compare_runs(tracking_uri, preset, list(cfg.mlflow_metrics), cfg.curve_metric)
+    else:
+        comparison = MlflowComparison(tracking_uri or "", None, "MLflow comparison not requested (--no-mlflow)")
+    outputs += _write_mlflow(comparison, out)
+    if comparison.table is None:
+        notes.append(comparison.note)
+    if comparison.curves:
+        fig_paths[f"Training {cfg.curve_metric} (MLflow)"] = figures.save_figure(
+            figures.training_curves(comparison.curves, cfg.curve_metric), out, "fig_train_curves", dpi=cfg.figure_dpi
+        )
+    for paths in fig_paths.values():
+        outputs += paths.values()
+
+    no_grid = [r.name for r in rows if r.grid is None]
+    if no_grid:
+        notes.append(f"no sample grid ({Path(samples_dir)}/<row>/grid.png) for rows: {', '.join(no_grid)}")
+
+    overview = f"<p>Preset <b>{escape(preset)}</b>, {len(rows)} rows from {escape(str(params_path))}.</p>"
+    overview += "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
+    figure_html = "".join(
+        f"<figure>{image_tag(paths['png'], title)}<figcaption>{escape(title)}</figcaption></figure>"
+        for title, paths in fig_paths.items()
+    )
+    mlflow_html = f"<p>{escape(comparison.note)}</p>"
+    if comparison.table is not None:
+        mlflow_html += table_html(comparison.table)
+    page = render_page(
+        f"De-MAR reproduction report ({preset})",
+        [
+            ("Overview", overview),
+            ("Table 4: ablations", table_html(tables["table4"])),
+            ("Table 2: ImageNet 256x256", table_html(tables["table2"])),
+            ("Figure 4 and training curves", figure_html),
+            ("Our rows", table_html(tables["rows"])),
+            ("MLflow runs", mlflow_html),
+            ("Sample grids", _grids_html(rows, cfg.grid_max_px)),
+        ],
+    )
+    index = out / "index.html"
+    atomic_write_text(index, page)
+    outputs.append(index)
+    return ReportResult(outputs, tables, comparison, notes)
+
+
+def arg_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The command-line arguments shared by ``python -m reports.build`` and the ``report`` stage."""
+    p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="params.yaml (default: %(default)s)")
+    p.add_argument("--metrics", default="metrics", help="the stages' metric folder (default: %(default)s)")
+    p.add_argument("--samples", default="samples", help="the sample grids' folder (default: %(default)s)")
+    p.add_argument("--out", default="reports/out", help="output folder (default: %(default)s)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: demar.tracking.tracking_uri())")
+    p.add_argument("--no-mlflow", action="store_true", help="build without reading or writing MLflow")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the reports from the command line; print the files written."""
+    args = arg_parser().parse_args(argv)
+    result = build_report(
+        args.params, args.metrics, args.samples, args.out, tracking_uri=args.tracking_uri, use_mlflow=not args.no_mlflow
+    )
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {len(result.outputs)} files to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
