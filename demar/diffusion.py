@@ -67,6 +67,10 @@ class DiffusionConfig(StrictConfig):
         max_beta: upper clip of cosine-schedule betas (0.999).
         linear_beta_start: first beta of the linear schedule at T = 1000 (1e-4), scaled by 1000 / T.
         linear_beta_end: last beta of the linear schedule at T = 1000 (0.02), scaled by 1000 / T.
+        clip_x0: when set, the x_0 predicted during sampling is clamped to ``[-clip_x0, clip_x0]``
+            (ADM's ``clip_denoised``); ``None`` keeps MAR's unclipped sampling (default None).
+            Short trainings leave eps errors at large t that 1/sqrt(abar_T) amplifies; a clip
+            bounds them.
     """
 
     schedule: Literal["linear", "cosine"] = "cosine"
@@ -79,6 +83,7 @@ class DiffusionConfig(StrictConfig):
     max_beta: float = Field(0.999, gt=0.0, lt=1.0)
     linear_beta_start: float = Field(1e-4, gt=0.0)
     linear_beta_end: float = Field(0.02, gt=0.0)
+    clip_x0: float | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
     def _check_linear(self) -> DiffusionConfig:
@@ -303,6 +308,7 @@ class GaussianDiffusion:
         sampler: Literal["ddpm", "ddim"] = "ddpm",
         ddim_eta: float = 0.0,
         timestep_map: Sequence[int] | None = None,
+        clip_x0: float | None = None,
     ) -> None:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 2:
@@ -313,6 +319,7 @@ class GaussianDiffusion:
         self.fixed_variance = fixed_variance
         self.sampler = sampler
         self.ddim_eta = float(ddim_eta)
+        self.clip_x0 = clip_x0
         self.num_timesteps = len(betas)
         self.timestep_map = list(range(self.num_timesteps)) if timestep_map is None else [int(t) for t in timestep_map]
         if len(self.timestep_map) != self.num_timesteps:
@@ -363,6 +370,7 @@ class GaussianDiffusion:
             fixed_variance=cfg.fixed_variance,
             sampler=cfg.sampler,
             ddim_eta=cfg.ddim_eta,
+            clip_x0=cfg.clip_x0,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -435,7 +443,9 @@ class GaussianDiffusion:
             return model_output, None
         return model_output[..., :d], model_output[..., d:]
 
-    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> MeanVariance:
+    def p_mean_variance(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *, clip: bool = True
+    ) -> MeanVariance:
         """The reverse step p(x_{t-1} | x_t) implied by a model output (no x_0 clipping, as MAR).
 
         Mean: mu~(pred_x0, x_t) with pred_x0 from eps, i.e. DDPM eq. 11. Variance with
@@ -446,6 +456,7 @@ class GaussianDiffusion:
             model_output: ``[..., 2d]`` (``[..., d]`` without learn_sigma).
             x_t: noisy tokens ``[..., d]``.
             t: step indices of this process ``[...]``.
+            clip: apply ``clip_x0`` when it is set (default True; the training loss passes False).
         """
         eps, v = self.split_output(model_output, x_t.shape[-1])
         if v is not None:
@@ -458,6 +469,8 @@ class GaussianDiffusion:
             variance = self._at("fixed_variance_values", t, x_t).expand_as(x_t)
             log_variance = self._at("fixed_log_variance_values", t, x_t).expand_as(x_t)
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
+        if clip and self.clip_x0 is not None:  # ADM's clip_denoised (off in MAR)
+            pred_x0 = pred_x0.clamp(-self.clip_x0, self.clip_x0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
         return MeanVariance(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0)
 
@@ -485,7 +498,7 @@ class GaussianDiffusion:
         if v is None:
             return DiffusionLoss(loss=mse, mse=mse, vb=torch.zeros_like(mse))
         frozen = torch.cat([eps.detach(), v], dim=-1)
-        step = self.p_mean_variance(frozen, x_t, t)
+        step = self.p_mean_variance(frozen, x_t, t, clip=False)
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
         kl = normal_kl(true_mean, true_log_variance, step.mean, step.log_variance).mean(dim=-1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, step.mean, 0.5 * step.log_variance).mean(dim=-1) / math.log(2.0)
@@ -543,6 +556,7 @@ class GaussianDiffusion:
             fixed_variance=self.fixed_variance,
             sampler=self.sampler,
             ddim_eta=self.ddim_eta,
+            clip_x0=self.clip_x0,
             timestep_map=[self.timestep_map[k] for k in kept],
         )
 
@@ -619,6 +633,8 @@ class GaussianDiffusion:
                 eps, _ = self.split_output(out, x.shape[-1])
                 abar = self._at("alphas_cumprod", t, x)
                 abar_prev = self._at("alphas_cumprod_prev", t, x)
+                if self.clip_x0 is not None:  # eps consistent with the clipped x_0 (ADM)
+                    eps = (x - torch.sqrt(abar) * step.pred_x0) / torch.sqrt(1 - abar)
                 sigma = self.ddim_eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
                 x = step.pred_x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
                 if k > 0 and temperature != 0 and self.ddim_eta > 0:

@@ -349,3 +349,32 @@ def test_config_validation() -> None:
     ):
         with pytest.raises(ConfigError):
             validate(DiffusionConfig, bad)
+
+
+def test_clip_x0_bounds_sampling_but_not_the_training_loss():
+    import torch
+
+    from demar.diffusion import DiffusionConfig, GaussianDiffusion
+
+    cfg = DiffusionConfig(schedule="cosine", num_timesteps=100, clip_x0=1.0)
+    clipped = GaussianDiffusion.from_config(cfg).respace(10)
+    free = GaussianDiffusion.from_config(DiffusionConfig(schedule="cosine", num_timesteps=100)).respace(10)
+
+    def bad_model(x, t):  # a large eps error, as a short training leaves at large t
+        return torch.cat([torch.full_like(x, 3.0), torch.zeros_like(x)], dim=-1)
+
+    noise = torch.randn(4, 6, 2, generator=torch.Generator().manual_seed(0))
+    out_clipped = clipped.sample(bad_model, noise, temperature=0.0)
+    out_free = free.sample(bad_model, noise, temperature=0.0)
+    assert out_clipped.abs().max() <= 1.0 + 1e-5
+    assert out_free.abs().max() > 10.0
+    # The training loss ignores the clip: identical loss terms with and without it.
+    x0 = torch.randn(4, 6, 2, generator=torch.Generator().manual_seed(1)) * 3
+    t = torch.randint(0, 100, (4, 6), generator=torch.Generator().manual_seed(2))
+    eps = torch.randn(4, 6, 2, generator=torch.Generator().manual_seed(3))
+    full_c = GaussianDiffusion.from_config(cfg)
+    full_f = GaussianDiffusion.from_config(DiffusionConfig(schedule="cosine", num_timesteps=100))
+    x_t = full_f.q_sample(x0, t, eps)
+    out = torch.randn(4, 6, 4, generator=torch.Generator().manual_seed(4))
+    a, b = full_c.loss_terms(out, x0, x_t, t, eps), full_f.loss_terms(out, x0, x_t, t, eps)
+    assert torch.equal(a.loss, b.loss)
