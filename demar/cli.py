@@ -67,11 +67,37 @@ def _add_params(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_params)
 
 
+def _cmd_preset(args: argparse.Namespace) -> int:
+    from demar.params import apply_preset, list_presets
+
+    if args.name is None:
+        print("\n".join(list_presets()))
+        return 0
+    source = apply_preset(args.name, args.params)
+    print(f"wrote {args.params} from {source.name}; `dvc repro` now runs the {args.name!r} preset")
+    return 0
+
+
+def _add_preset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preset", help="list presets, or validate one and write it over params.yaml")
+    p.add_argument("name", nargs="?", default=None, help="a preset of presets/ (none: list them)")
+    p.add_argument("--params", default="params.yaml", help="the params file to replace (default: %(default)s)")
+    p.set_defaults(func=_cmd_preset)
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    from demar.studies import configure_parser
+
+    configure_parser(sub.add_parser("study", help="Optuna studies: run or report one (studies/<name>.yaml)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``demar`` argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="demar", description="De-MAR reproducibility suite")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_params(sub)
+    _add_preset(sub)
+    _add_study(sub)
     return parser
 
 
@@ -84,8 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status.
     """
+    from demar.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ tokens, learn_sigma, denoising-head hidden width = D), from ``demar params``:
 De-MAR's total is the backbone (MAR minus its MLP head), the Transformer head and
 the denoising head (1.23M / 2.17M / 3.36M).
 
-``tiny`` and ``small`` are for CPU work at N = 64 tokens of d = 4..8: tiny trains
+``micro``, ``tiny`` and ``small`` are for CPU work (``micro`` is the smallest member of
+the embedded preset's size families) at N = 64 tokens of d = 4..8: tiny trains
 a few hundred steps in minutes on two cores; small has about 3.9x tiny's
 parameters (MAR row at N = 64, d = 8, 10 classes: 0.75M vs 2.94M; De-MAR:
 0.81M vs 3.13M).
@@ -74,6 +75,7 @@ class SizeSpec:
 
 
 SIZES: dict[str, SizeSpec] = {
+    "micro": SizeSpec(64, 1, 4, 2, 96, 2, 64, 4),
     "tiny": SizeSpec(96, 2, 4, 2, 128, 2, 96, 4),
     "small": SizeSpec(160, 3, 5, 3, 224, 2, 192, 6),
     "B": SizeSpec(768, 12, 12, 6, 1024, 4, 1024, 16),

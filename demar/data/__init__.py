@@ -1,0 +1,145 @@
+"""Data sets: the embedded shapes (default) and ImageNet-style folders.
+
+:class:`DataConfig` is the ``data`` section of params.yaml. :func:`prepare` is the
+data stage (generate the shapes, or scan and index an image folder);
+:func:`open_split` opens a prepared split as a Dataset of ``(image in [-1, 1], label, ...)``
+items without random flips, as latent extraction and evaluation need.
+
+Layout of a prepared data folder (``data/<kind>/``): ``manifest.json`` and one
+sub-folder per split (``train/``, ``reference/``); an embedded split holds the
+arrays written by :func:`demar.data.embedded.write_split`, an image folder split
+an ``index.json`` written by :func:`demar.data.folder.write_index`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import model_validator
+from torch.utils.data import Dataset
+
+from demar.config import StrictConfig
+from demar.data.embedded import EmbeddedConfig, EmbeddedDataset, write_split
+from demar.data.folder import FolderConfig, FolderDataset, read_index, scan, write_index
+from demar.io import write_json
+
+__all__ = ["SPLITS", "DataConfig", "open_split", "prepare", "split_fingerprint"]
+
+SPLITS = ("train", "reference")
+
+
+class DataConfig(StrictConfig):
+    """The ``data`` section of params.yaml.
+
+    Attributes:
+        kind: ``"embedded"`` (procedural shapes, the default) or ``"imagenet"`` (an image folder).
+        embedded: the shapes data set (default: :class:`EmbeddedConfig` defaults).
+        imagenet: the image folder; required when ``kind`` is ``"imagenet"`` (default None).
+    """
+
+    kind: Literal["embedded", "imagenet"] = "embedded"
+    embedded: EmbeddedConfig = EmbeddedConfig()
+    imagenet: FolderConfig | None = None
+
+    @model_validator(mode="after")
+    def _folder_given(self) -> DataConfig:
+        if self.kind == "imagenet" and self.imagenet is None:
+            raise ValueError("data.kind is 'imagenet' but data.imagenet (root, ...) is not set")
+        return self
+
+    @property
+    def resolution(self) -> int:
+        """The image side of the selected data set."""
+        return self.embedded.resolution if self.kind == "embedded" else self.imagenet.resolution
+
+
+def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str], *, progress: bool = True) -> dict[str, Any]:
+    """The data stage: write the splits of ``cfg.kind`` under ``out_dir``; return its metrics.
+
+    Args:
+        cfg: the data config.
+        out_dir: the prepared data folder (``train/``, ``reference/``, ``manifest.json``).
+        progress: show tqdm bars (default True).
+
+    Returns:
+        ``{"kind", "resolution", "num_classes", "num_train", "num_reference", "num_skipped",
+        "num_reference_skipped", "wall_s"}`` (the skip counts are 0 for the embedded data).
+    """
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    metrics: dict[str, Any] = {
+        "kind": cfg.kind,
+        "resolution": cfg.resolution,
+        "num_skipped": 0,
+        "num_reference_skipped": 0,
+    }
+    if cfg.kind == "embedded":
+        for split in SPLITS:
+            manifest = write_split(cfg.embedded, split, out / split, progress=progress)
+            metrics[f"num_{split}"] = manifest["num_images"]
+        metrics["num_classes"] = len(manifest["classes"])
+    else:
+        folder = cfg.imagenet
+        roots = {"train": folder.root, "reference": folder.reference_root}
+        classes = None
+        for split, root in roots.items():
+            if root is None:
+                metrics[f"num_{split}"] = 0
+                continue
+            result = scan(
+                root,
+                on_bad_image=folder.on_bad_image,
+                extensions=folder.extensions,
+                workers=folder.workers,
+                classes=classes,
+                progress=progress,
+            )
+            for path, error in result.skipped:
+                print(f"skipped bad image {Path(root) / path}: {error}")
+            write_index(out / split / "index.json", result)
+            classes = result.classes
+            metrics[f"num_{split}"] = len(result.samples)
+            metrics["num_skipped" if split == "train" else "num_reference_skipped"] = len(result.skipped)
+        metrics["num_classes"] = len(classes)
+    metrics["wall_s"] = time.perf_counter() - t0
+    write_json(
+        out / "manifest.json",
+        {
+            "kind": cfg.kind,
+            "config": cfg.model_dump(mode="json"),
+            **{k: v for k, v in metrics.items() if k != "wall_s"},
+        },
+    )
+    return metrics
+
+
+def open_split(cfg: DataConfig, data_dir: str | os.PathLike[str], split: str = "train") -> Dataset:
+    """A prepared split as a Dataset of ``(image float [3, R, R] in [-1, 1], label, ...)``, no flips.
+
+    The returned object has ``num_classes`` and ``classes`` attributes.
+
+    Args:
+        cfg: the data config (selects the kind and, for folders, the resolution).
+        data_dir: the prepared data folder.
+        split: ``"train"`` or ``"reference"`` (default ``"train"``).
+    """
+    root = Path(data_dir) / split
+    if cfg.kind == "embedded":
+        return EmbeddedDataset(root, output="float")
+    return FolderDataset(read_index(root / "index.json"), resolution=cfg.imagenet.resolution)
+
+
+def split_fingerprint(data_dir: str | os.PathLike[str], split: str = "train") -> dict[str, str]:
+    """``{"split", "sha256"}``: the hash of a prepared split's manifest or index (identifies its content).
+
+    Args:
+        data_dir: the prepared data folder.
+        split: the split (default ``"train"``).
+    """
+    root = Path(data_dir) / split
+    path = root / "manifest.json" if (root / "manifest.json").is_file() else root / "index.json"
+    return {"split": split, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}

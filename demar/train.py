@@ -1,0 +1,934 @@
+"""The training engine: every ablation row trained the MAR way.
+
+One function, :func:`train`, serves the DVC stage (``pipelines/train.py``), the
+Optuna studies and the tests. The recipe is MAR's (``mar-reference.md``,
+"Training recipe"):
+
+- AdamW, betas (0.9, 0.95), ``lr = base_lr * global_batch / 256``;
+- weight decay on matrices only: none on biases, on 1-D parameters (norms,
+  embeddings' vectors) or on any diffusion head parameter (MAR's ``diffloss``);
+- linear warm-up from 0, then constant (MAR) or half-cosine down to ``min_lr``;
+- gradient-norm clipping, an EMA of the weights updated every step from the
+  initial weights, bf16 autocast on GPUs only (fp16 gives NaNs with MAR).
+
+One step (the numbered comments of ``_Trainer.train_step``):
+
+1. The global batch of ``batch_size`` images is split into ``micro_batches``
+   slices (default: one per process, as MAR's one batch per GPU). A process
+   handles ``micro_batches / world_size`` of them, one forward
+   and backward each, accumulating gradients; DDP averages over processes.
+2. For each slice: draw latents from the cached posterior moments
+   (:func:`demar.latents.draw_latents`), patchify, forward, backward.
+3. Average the loss components over processes; stop on a non-finite value.
+4. Clip the gradient norm, AdamW step, learning-rate step, EMA update.
+
+Exact resume and world-size independence. Every random draw of a step is a
+function of ``(seed, step, slice)`` alone: the data order (a fresh permutation
+per epoch, seeded by ``(seed, epoch)``, read as one endless stream of
+``batch_size`` positions a step), the generator of ``draw_latents``, the
+generator of the model's masking and noise, and the global RNG behind dropout
+(re-seeded before each slice). A resumed run therefore replays the same draws as
+an uninterrupted one (bitwise-identical weights on the CPU), and a run on ``W``
+processes makes the same draws as a run on one process with the same
+explicit ``micro_batches``; only the order of floating-point sums in the gradient
+all-reduce can differ. A slice is what MAR calls one GPU's batch: the masking
+ratio is drawn once per slice.
+
+Outputs in ``out_dir`` (rank 0 writes, others only compute):
+
+- ``checkpoints/last.pt``: model, EMA, optimizer, scheduler, step, RNG states,
+  the data-order state and the resolved configs, written atomically every
+  ``checkpoint_every`` steps and at the end; a new call resumes from it;
+- ``metrics.jsonl``: one JSON record per logged step (loss components, lr,
+  gradient norm, tokens/s, steps/s), whatever happens to MLflow;
+- ``model.pt``: the final model with its EMA weights and config
+  (:func:`demar.model.save_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationInfo, field_validator
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from demar import distributed as D
+from demar.config import ConfigError, StrictConfig
+from demar.diffusion_head import DiffusionHead
+from demar.ema import EMA
+from demar.io import atomic_write_text, torch_save
+from demar.latents import LatentDataset, draw_latents
+from demar.model import ABLATION_ROWS, DeMAR, ModelConfig, patchify, save_checkpoint
+from demar.sampler import SampleSettings
+from demar.sizes import SIZES
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "METRICS_NAME",
+    "MODEL_NAME",
+    "NonFiniteLossError",
+    "RowConfig",
+    "StepBatchSampler",
+    "TrainConfig",
+    "TrainResult",
+    "derive_seed",
+    "lr_at",
+    "param_groups",
+    "read_metrics",
+    "row_model_config",
+    "steps_for",
+    "train",
+]
+
+CHECKPOINT_NAME = "checkpoints/last.pt"
+METRICS_NAME = "metrics.jsonl"
+MODEL_NAME = "model.pt"
+
+# Keys of TrainConfig that may differ between a checkpoint and the run resuming
+# it: they change when things are written or how fast, never what is computed.
+OPERATIONAL_KEYS = frozenset(
+    {
+        "checkpoint_every",
+        "log_every",
+        "sample_every",
+        "sample_count",
+        "sample_settings",
+        "num_workers",
+        "compile",
+        "device",
+    }
+)
+
+# Learning rates are quoted per 256 images (MAR: lr = base_lr * batch / 256).
+LR_REFERENCE_BATCH = 256
+
+
+class TrainConfig(StrictConfig):
+    """Hyperparameters of one training run (``params.yaml``, section ``train``).
+
+    Defaults are MAR's ImageNet 256 recipe; the embedded CPU preset overrides them.
+
+    Args:
+        batch_size: global batch, images per optimizer step over all processes (default 2048).
+        micro_batches: slices the global batch is cut into, each one forward/backward
+            with its own random draws (the masking ratio is drawn once per slice); a
+            multiple of the number of processes, which each accumulate
+            ``micro_batches / world_size`` slices. None: one slice per process (MAR:
+            one batch per GPU), so the draws depend on the number of processes; a
+            number makes results independent of it and allows gradient accumulation
+            (default None).
+        base_lr: learning rate per 256 images; the AdamW rate is
+            ``base_lr * batch_size / 256`` (default 1e-4, i.e. 8e-4 at batch 2048).
+        weight_decay: AdamW decay of matrices (none on biases, 1-D parameters or the
+            diffusion head, as MAR) (default 0.02).
+        betas: AdamW betas (default (0.9, 0.95)).
+        epochs: training length in passes over the latent set; the number of steps is
+            ``round(epochs * num_images / batch_size)`` (default 400).
+        warmup_epochs: linear warm-up of the learning rate from 0, in epochs (default 100).
+        lr_schedule: after warm-up, ``"constant"`` (MAR) or ``"cosine"`` down to ``min_lr``
+            (default ``"constant"``).
+        min_lr: final learning rate of the cosine schedule (default 0.0).
+        grad_clip: maximum global gradient norm; 0 turns clipping off (default 3.0).
+        ema_rate: EMA decay per step, updated every step from the initial weights
+            (default 0.9999).
+        checkpoint_every: steps between checkpoints (plus one at the end) (default 5000).
+        log_every: steps per logged record; each record averages the steps since the
+            previous one (default 100).
+        sample_every: steps between sample grids logged as MLflow images; 0 = never
+            (needs a decoder) (default 0).
+        sample_count: images in a sample grid (default 16).
+        sample_settings: sampler knobs of the grids (:class:`demar.sampler.SampleSettings`;
+            default MAR's: 64 autoregressive steps, 100 diffusion steps, no guidance).
+        num_workers: DataLoader worker processes (default 4).
+        seed: seed of every random draw of the run (default 0).
+        bf16: bf16 autocast of forward passes on CUDA devices (never on the CPU,
+            never fp16) (default True).
+        grad_checkpointing: recompute transformer block activations in the backward
+            pass to save memory (default False).
+        compile: ``torch.compile`` the model (default False).
+        device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"`` (default ``"auto"``).
+    """
+
+    batch_size: int = Field(2048, ge=1)
+    micro_batches: int | None = Field(None, ge=1)
+    base_lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.02, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    epochs: float = Field(400.0, gt=0.0)
+    warmup_epochs: float = Field(100.0, ge=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(3.0, ge=0.0)
+    ema_rate: float = Field(0.9999, ge=0.0, le=1.0)
+    checkpoint_every: int = Field(5000, ge=1)
+    log_every: int = Field(100, ge=1)
+    sample_every: int = Field(0, ge=0)
+    sample_count: int = Field(16, ge=1)
+    sample_settings: SampleSettings = SampleSettings()
+    num_workers: int = Field(4, ge=0)
+    seed: int = Field(0, ge=0)
+    bf16: bool = True
+    grad_checkpointing: bool = False
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
+        return betas
+
+    @field_validator("micro_batches")
+    @classmethod
+    def _check_micro_batches(cls, micro_batches: int | None, info: ValidationInfo) -> int | None:
+        batch = info.data.get("batch_size")
+        if micro_batches is not None and batch is not None and batch % micro_batches:
+            raise ValueError(f"must divide batch_size ({batch}), got {micro_batches}")
+        return micro_batches
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _check_warmup(cls, warmup: float, info: ValidationInfo) -> float:
+        epochs = info.data.get("epochs")
+        if epochs is not None and warmup > epochs:
+            raise ValueError(f"must not exceed epochs ({epochs}), got {warmup}")
+        return warmup
+
+    @field_validator("min_lr")
+    @classmethod
+    def _check_min_lr(cls, min_lr: float, info: ValidationInfo) -> float:
+        base, batch = info.data.get("base_lr"), info.data.get("batch_size")
+        if base is not None and batch is not None and min_lr > base * batch / LR_REFERENCE_BATCH:
+            raise ValueError(f"must not exceed the learning rate base_lr * batch_size / 256, got {min_lr}")
+        return min_lr
+
+    @property
+    def lr(self) -> float:
+        """The AdamW learning rate after warm-up: ``base_lr * batch_size / 256``."""
+        return self.base_lr * self.batch_size / LR_REFERENCE_BATCH
+
+
+class RowConfig(StrictConfig):
+    """One ablation row of ``params.yaml`` (``rows.<row>``).
+
+    Args:
+        ablation: the row of Table 4: ``mar``, ``diff_head``, ``de_head`` or ``demar``
+            (the head switches of :data:`demar.model.ABLATION_ROWS`).
+        size: a registered model size (:data:`demar.sizes.SIZES`: tiny, small, B, L, H).
+        seed: seed of the row's training (and of its sampling) (>= 0).
+    """
+
+    ablation: Literal["mar", "diff_head", "de_head", "demar"]
+    size: str
+    seed: int = Field(ge=0)
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, size: str) -> str:
+        if size not in SIZES:
+            raise ValueError(f"must be one of {', '.join(SIZES)}")
+        return size
+
+
+def row_model_config(row: RowConfig, model_section: dict[str, Any] | None, *, source: str = "<params>") -> ModelConfig:
+    """The :class:`demar.model.ModelConfig` of an ablation row.
+
+    The row's size gives the architecture, ``model_section`` (``params.yaml``'s
+    ``model``: knobs shared by every row, e.g. ``token_dim``, ``seq_len``,
+    ``num_classes``, ``diffusion``) goes on top, and the row's ablation sets the two
+    head switches last.
+
+    Args:
+        row: the row.
+        model_section: the shared model knobs (default None: none).
+        source: the file the knobs came from, quoted in errors (default ``"<params>"``).
+    """
+    data = dict(model_section or {})
+    for key in ("size", *ABLATION_ROWS[row.ablation]):
+        if key in data:
+            raise ConfigError(
+                f"invalid configuration in {source}:\n  model.{key}: set per row (rows.<row>), not in model"
+            )
+    return ModelConfig.from_section({**data, "size": row.size, **ABLATION_ROWS[row.ablation]}, source=source)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or the gradient norm) of a step is NaN or infinite.
+
+    Attributes:
+        step: the 0-based index of the failing step (the checkpoint on disk, if any, is older).
+        components: the step's loss components averaged over processes.
+    """
+
+    def __init__(self, step: int, components: dict[str, float]) -> None:
+        self.step = step
+        self.components = dict(components)
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in components.items())
+        super().__init__(
+            f"non-finite loss at step {step} ({shown}); training stopped before the "
+            "optimizer step, the last checkpoint on disk is untouched"
+        )
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        metrics: final metrics (``steps``, ``loss`` and its components averaged over the
+            last ``log_every`` steps, ``tokens_per_s``, ``steps_per_s``, ``wall_s``,
+            parameter counts).
+        model_path: the final model file (``out_dir/model.pt``).
+        checkpoint_path: the last training checkpoint.
+        metrics_path: the per-step metrics file (``out_dir/metrics.jsonl``).
+        history: the logged records, oldest first.
+        resumed_from: the step the run resumed from (0 for a fresh run).
+    """
+
+    metrics: dict[str, Any]
+    model_path: Path
+    checkpoint_path: Path
+    metrics_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+# ---------------------------------------------------------------------- pure helpers
+
+
+def derive_seed(*keys: int | str) -> int:
+    """A 63-bit seed that depends only on ``keys`` (stable across runs, processes, machines).
+
+    Args:
+        keys: e.g. ``(seed, "latents", step, slice)``.
+    """
+    digest = hashlib.sha256(repr(tuple(keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def steps_for(cfg: TrainConfig, num_images: int) -> tuple[int, float]:
+    """``(total steps, warm-up steps)`` of a run over ``num_images`` images.
+
+    Args:
+        cfg: the training config (``epochs``, ``warmup_epochs``, ``batch_size``).
+        num_images: images in the latent set.
+    """
+    steps_per_epoch = num_images / cfg.batch_size
+    return max(1, round(cfg.epochs * steps_per_epoch)), cfg.warmup_epochs * steps_per_epoch
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: float) -> float:
+    """The learning rate of the 0-based ``step`` (MAR's per-iteration schedule).
+
+    Linear warm-up from 0 over ``warmup_steps``, then ``cfg.lr`` (constant) or a
+    half-cosine from ``cfg.lr`` to ``cfg.min_lr`` at ``total_steps``.
+
+    Args:
+        step: 0-based optimizer step.
+        cfg: the training config.
+        total_steps: steps of the whole run.
+        warmup_steps: steps of warm-up (may be fractional).
+    """
+    if step < warmup_steps:
+        return cfg.lr * step / warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1e-12)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups with MAR's weight-decay rule.
+
+    No decay on 1-D parameters, on biases and on every parameter of a
+    :class:`~demar.diffusion_head.DiffusionHead` (MAR's ``add_weight_decay``:
+    ``diffloss`` parameters are exempt); decay ``weight_decay`` on the rest.
+
+    Args:
+        model: the bare model.
+        weight_decay: decay of the decayed group.
+    """
+    head_params = {id(p) for m in model.modules() if isinstance(m, DiffusionHead) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or id(p) in head_params:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """The indices of every slice this process handles, step by step, from ``start_step``.
+
+    The images of step ``s`` are positions ``[s * B, (s + 1) * B)`` of an endless
+    stream made of one random permutation of the data set per epoch (epoch ``e``
+    shuffled by ``derive_seed(seed, "order", e)``). Slice ``m`` of a step holds
+    positions ``[m * b, (m + 1) * b)`` of it, ``b = B / micro_batches``; process
+    ``r`` handles slices ``r * k .. (r + 1) * k - 1``, ``k = micro_batches / W``.
+    Everything is a function of ``(seed, step, slice)``, so a resumed or
+    differently parallel run reads the same images in the same slices.
+
+    Args:
+        num_images: size of the data set.
+        batch_size: global batch B.
+        micro_batches: slices per step.
+        rank: this process's rank.
+        world_size: number of processes (divides ``micro_batches``).
+        seed: the run's seed.
+        total_steps: one past the last step to yield.
+        start_step: first step to yield (default 0).
+    """
+
+    def __init__(
+        self,
+        num_images: int,
+        batch_size: int,
+        micro_batches: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        total_steps: int,
+        start_step: int = 0,
+    ) -> None:
+        if num_images < 1:
+            raise ValueError("the latent set is empty")
+        self.n = num_images
+        self.batch_size = batch_size
+        self.slice_size = batch_size // micro_batches
+        self.local = micro_batches // world_size
+        self.rank = rank
+        self.seed = seed
+        self.start_step = start_step
+        self.total_steps = total_steps
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, step: int, slice_index: int) -> list[int]:
+        """Data set indices of slice ``slice_index`` of ``step``.
+
+        Args:
+            step: 0-based step.
+            slice_index: global slice index in ``[0, micro_batches)``.
+        """
+        start = step * self.batch_size + slice_index * self.slice_size
+        pos = torch.arange(start, start + self.slice_size)  # positions in the endless stream
+        epochs = pos // self.n
+        out = torch.empty_like(pos)
+        for e in epochs.unique().tolist():
+            sel = epochs == e
+            out[sel] = self._perm(e)[pos[sel] % self.n]
+        return out.tolist()
+
+    def slices(self) -> list[int]:
+        """Global indices of the slices this process handles each step."""
+        return [self.rank * self.local + a for a in range(self.local)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.total_steps):
+            for m in self.slices():
+                yield self.indices(step, m)
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) * self.local
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (an empty list if there is none).
+
+    Args:
+        path: the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
+
+
+def _config_record(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    return {"model": model_cfg.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json")}
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ in ways that change what training computes."""
+    diffs = []
+    for section in ("model", "train"):
+        a, b = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if section == "train" and key in OPERATIONAL_KEYS:
+                continue
+            if a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}")
+    return diffs
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+
+
+def _item(x: Any) -> torch.Tensor:
+    """A loss component as a detached float32 scalar (``None`` -> 0)."""
+    if x is None:
+        return torch.zeros(())
+    return x.detach().float().reshape(())
+
+
+# ---------------------------------------------------------------------- the engine
+
+
+COMPONENTS = ("loss", "loss_diffusion", "loss_refinement", "loss_assessment")
+
+
+class _Window:
+    """Sums of the metrics of the steps since the last logged record."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys((*COMPONENTS, "grad_norm"), 0.0)
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+
+    def add(self, components: list[float], grad_norm: float, tokens: int, seconds: float) -> None:
+        for k, v in zip(COMPONENTS, components, strict=True):
+            self.sums[k] += v
+        self.sums["grad_norm"] += grad_norm
+        self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + seconds
+
+    def means(self) -> dict[str, float]:
+        """Mean loss components and gradient norm; tokens/s and steps/s of the window."""
+        return {
+            **{k: v / self.steps for k, v in self.sums.items()},
+            "tokens_per_s": self.tokens / self.seconds,
+            "steps_per_s": self.steps / self.seconds,
+        }
+
+
+class _Trainer:
+    """State and loop of one :func:`train` call (a class only to keep ``train`` short)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        env: D.DistEnv,
+        latents_dir: Path,
+        out_dir: Path,
+        run: Any,
+        callback: Callable[[int, nn.Module, nn.Module], None] | None,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None,
+        progress: bool,
+        resume: bool,
+    ) -> None:
+        self.model_cfg, self.cfg, self.env = model_cfg, cfg, env
+        self.out_dir = out_dir
+        self.run = run if env.is_main else None
+        self.callback, self.decode = callback, decode
+        self.progress = progress and env.is_main
+        self.device = env.device
+        self.micro_batches = cfg.micro_batches or env.world_size
+        if self.micro_batches % env.world_size or cfg.batch_size % self.micro_batches:
+            raise ConfigError(
+                f"train.micro_batches ({cfg.micro_batches}) must be a multiple of the number of processes "
+                f"({env.world_size}) and divide train.batch_size ({cfg.batch_size})"
+            )
+        self.dataset = LatentDataset(latents_dir)
+        self.num_images = len(self.dataset)
+        self.total_steps, self.warmup_steps = steps_for(cfg, self.num_images)
+        self.checkpoint_path = out_dir / CHECKPOINT_NAME
+        self.metrics_path = out_dir / METRICS_NAME
+        self.model_path = out_dir / MODEL_NAME
+
+        self._build_model()
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+        # Cumulative over resumptions: seconds in train steps, tokens, steps, wall seconds.
+        self.timing: dict[str, float] = {"train_s": 0.0, "tokens": 0, "steps": 0, "wall_s": 0.0}
+        self._wall_start = time.perf_counter()
+        if resume:
+            self._maybe_resume()
+        self.resumed_from = self.step
+        self.ddp = D.wrap_ddp(self.model, env, find_unused_parameters=self._needs_find_unused())
+        self.forward_model = torch.compile(self.ddp) if cfg.compile else self.ddp
+
+    # ------------------------------------------------------------------ setup
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        # Same initial weights on every process and every run of the same seed.
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        model = DeMAR(self.model_cfg)
+        if cfg.grad_checkpointing:
+            switched = 0
+            for m in model.modules():
+                if hasattr(m, "grad_checkpointing"):
+                    m.grad_checkpointing = True
+                    switched += 1
+            if not switched:
+                raise ConfigError("train.grad_checkpointing is on but the model has no checkpointed blocks")
+        self.model = model.to(self.device)
+        self.ema = EMA(self.model, cfg.ema_rate)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        total, warmup = self.total_steps, self.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_at(s, cfg, total, warmup) / cfg.lr
+        )
+
+    def _maybe_resume(self) -> None:
+        if not self.checkpoint_path.is_file():
+            return
+        ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        diffs = _config_differences(ckpt["config"], _config_record(self.model_cfg, self.cfg))
+        if diffs:
+            if self.env.is_main:
+                warnings.warn(
+                    f"{self.checkpoint_path} was written with a different configuration "
+                    f"({', '.join(diffs)}); starting a fresh run that will replace it",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        self.timing = dict(ckpt["timing"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch_cpu"])
+        if rng.get("cuda") is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.history = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
+
+    def _needs_find_unused(self) -> bool:
+        """Whether some parameter can get no gradient in a step (then DDP must look for it).
+
+        With the denoising head, yes: a step whose masking ratio masks all N tokens
+        leaves no unmasked token for it (draw-dependent, so a single probe cannot see
+        it). Otherwise one small forward/backward of the bare model on real data, with
+        throw-away generators and a forked global RNG (the run's draws are untouched),
+        finds parameters that no step uses.
+        """
+        if not self.env.distributed:
+            return False
+        if self.model_cfg.denoising_head:
+            return True
+        moments, context = self._collate(list(range(min(2, self.num_images))))
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            tokens = self._tokens(moments, derive_seed(self.cfg.seed, "probe"))
+            g = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.seed, "probe-model"))
+            with self._autocast():
+                out = self.model(tokens, context, generator=g)
+            out.loss.backward()
+        unused = any(p.grad is None for p in self.model.parameters() if p.requires_grad)
+        self.model.zero_grad(set_to_none=True)
+        flag = D.all_reduce_max(torch.tensor([float(unused)], device=self.device), self.env)
+        return bool(flag.item())
+
+    def _rng_devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _collate(self, indices: list[int]) -> tuple[torch.Tensor, Any]:
+        batch = torch.utils.data.default_collate([self.dataset[i] for i in indices])
+        return _to_device(batch[0], self.device), _to_device(batch[1], self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _tokens(self, moments: torch.Tensor, seed: int) -> torch.Tensor:
+        g = torch.Generator(moments.device).manual_seed(seed)
+        latents = draw_latents(moments, self.dataset.scale, g)  # [b, C, h, w]
+        return patchify(latents, self.model_cfg.patch_size)  # [b, N, d]
+
+    def _loader(self) -> DataLoader:
+        self.sampler = StepBatchSampler(
+            self.num_images,
+            self.cfg.batch_size,
+            self.micro_batches,
+            self.env.rank,
+            self.env.world_size,
+            self.cfg.seed,
+            total_steps=self.total_steps,
+            start_step=self.step,
+        )
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, batches: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, float, int]:
+        """One optimizer step over this process's slices; returns (components, grad norm, tokens)."""
+        cfg, step = self.cfg, self.step
+        self.ddp.train()
+        local = len(batches)
+        comps = torch.zeros(len(COMPONENTS), device=self.device)
+        tokens_seen = 0
+        for a, (moments, context) in enumerate(batches):
+            m = self.sampler.slices()[a]
+            moments, context = _to_device(moments, self.device), _to_device(context, self.device)
+            # 1-2. Draw latents and run the slice; every draw keyed by (seed, step, slice).
+            tokens = self._tokens(moments, derive_seed(cfg.seed, "latents", step, m))  # [b, N, d]
+            torch.manual_seed(derive_seed(cfg.seed, "dropout", step, m))
+            g = torch.Generator(self.device).manual_seed(derive_seed(cfg.seed, "model", step, m))
+            sync = a == local - 1 or not self.env.distributed
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with self._autocast():
+                    out = self.forward_model(tokens, context, generator=g)
+                (out.loss / local).backward()
+            comps += (
+                torch.stack([_item(out.loss), _item(out.diffusion), _item(out.refinement), _item(out.assessment)]).to(
+                    self.device
+                )
+                / local
+            )
+            tokens_seen += tokens.shape[0] * tokens.shape[1]
+        # 3. Loss components averaged over processes; a non-finite one stops the run.
+        comps = D.all_reduce_mean(comps, self.env)
+        # 4. Clip, step, schedule, EMA.
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        values = torch.cat([comps, grad_norm.reshape(1).to(comps)]).tolist()
+        if not all(math.isfinite(v) for v in values):
+            named = dict(zip((*COMPONENTS, "grad_norm"), values, strict=True))
+            raise NonFiniteLossError(step, named)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        self.step += 1
+        return comps.cpu(), values[-1], tokens_seen * self.env.world_size
+
+    # ------------------------------------------------------------------ outputs
+
+    def save_checkpoint(self) -> None:
+        if self.env.is_main:
+            state = {
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "rng": {
+                    "torch_cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+                "data": {
+                    "seed": self.cfg.seed,
+                    "batch_size": self.cfg.batch_size,
+                    "micro_batches": self.micro_batches,
+                    "next_position": self.step * self.cfg.batch_size,
+                    "num_images": self.num_images,
+                },
+                "config": _config_record(self.model_cfg, self.cfg),
+                "world_size": self.env.world_size,
+                "timing": {**self.timing, "wall_s": self._wall()},
+            }
+            torch_save(state, self.checkpoint_path)
+            _write_metrics(self.metrics_path, self.history)
+        D.barrier(self.env)
+
+    def log_samples(self) -> None:
+        """Sample a grid with the EMA model, decode it and log it as an MLflow image."""
+        if self.decode is None or self.run is None:
+            return
+        from torchvision.utils import make_grid
+
+        count = self.cfg.sample_count
+        if self.model_cfg.context == "class":  # one image per class, cycling through the classes
+            context = torch.arange(count, device=self.device) % self.model_cfg.num_classes  # [n]
+        else:  # the captions of the first images of the data set
+            count = min(count, self.num_images)
+            _, context = self._collate(list(range(count)))  # [n, L, Dc]
+        g = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.seed, "samples"))
+        with torch.no_grad(), self._autocast():
+            tokens = self.ema.module.sample(context, self.cfg.sample_settings, generator=g)  # [n, N, d]
+            images = self.decode(tokens).float()  # [n, 3, H, W] in [-1, 1]
+        grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=math.ceil(math.sqrt(count)))
+        array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+        self.run.log_image(array, "samples", step=self.step)
+
+    def final_metrics(self) -> dict[str, Any]:
+        """Final record: step count, the last logged loss window, sizes and throughput of the whole run."""
+        counts = self.model.param_counts()
+        last = self.history[-1] if self.history else {}
+        t = self.timing
+        return {
+            "steps": self.step,
+            **{k: last.get(k, float("nan")) for k in COMPONENTS},
+            "params_total": counts["total"],
+            "params_by_component": counts,
+            "tokens_per_s": t["tokens"] / t["train_s"] if t["train_s"] > 0 else None,
+            "steps_per_s": t["steps"] / t["train_s"] if t["train_s"] > 0 else None,
+            "wall_s": self._wall(),
+        }
+
+    def _wall(self) -> float:
+        """Wall-clock seconds of the run, across resumptions (up to the last checkpoint of earlier calls)."""
+        return self.timing["wall_s"] + time.perf_counter() - self._wall_start
+
+    def _log(self, window: _Window, lr: float) -> None:
+        """Turn the window into one record: metrics file, MLflow, progress bar."""
+        record = {
+            **window.means(),
+            "step": self.step,
+            "epoch": self.step * self.cfg.batch_size / self.num_images,
+            "lr": lr,
+            "wall_s": self._wall(),
+        }
+        self.history.append(record)
+        if self.run is not None:
+            self.run.log_metrics({k: v for k, v in record.items() if k != "step"}, step=self.step)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run_loop(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self._wall_start = time.perf_counter()
+        window = _Window()
+        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
+                        unit="step", dynamic_ncols=True)  # fmt: skip
+        loader_iter = iter(self._loader())
+        local = len(self.sampler.slices())
+        try:
+            while self.step < self.total_steps:
+                batches = [next(loader_iter) for _ in range(local)]
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                t0 = time.perf_counter()
+                comps, grad_norm, tokens = self.train_step(batches)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                self.timing["train_s"] += dt
+                self.timing["tokens"] += tokens
+                self.timing["steps"] += 1
+                window.add(comps.tolist(), grad_norm, tokens, dt)
+                self.bar.update(1)
+                last = self.step == self.total_steps
+                if self.step % cfg.log_every == 0 or last:
+                    self._log(window, lr)
+                    window = _Window()
+                if self.step % cfg.checkpoint_every == 0 or last:
+                    self.save_checkpoint()
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.log_samples()
+                if self.callback is not None:
+                    self.callback(self.step, self.model, self.ema.module)
+        finally:
+            self.bar.close()
+            if self.env.is_main:
+                _write_metrics(self.metrics_path, self.history)
+                if self.run is not None:
+                    self.run.flush()
+        if self.env.is_main:
+            save_checkpoint(
+                self.model_path,
+                self.model,
+                self.ema.module,
+                extra={"train": cfg.model_dump(mode="json"), "step": self.step},
+            )
+        D.barrier(self.env)
+        metrics = self.final_metrics()
+        return TrainResult(
+            metrics=metrics,
+            model_path=self.model_path,
+            checkpoint_path=self.checkpoint_path,
+            metrics_path=self.metrics_path,
+            history=list(self.history),
+            resumed_from=self.resumed_from,
+        )
+
+
+def train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    latents_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    run: Any | None = None,
+    callback: Callable[[int, nn.Module, nn.Module], None] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> TrainResult:
+    """Train one model on a latent set, resuming from ``out_dir`` if a compatible checkpoint is there.
+
+    Works alone or under ``torchrun`` (see :mod:`demar.distributed`): the process
+    group is joined from the environment, and only rank 0 writes files, logs and
+    shows progress. The caller's global RNG state is left as it was.
+
+    Args:
+        model_cfg: the :class:`demar.model.ModelConfig` of the model to build.
+        train_cfg: the :class:`TrainConfig`.
+        latents_dir: the latent set (:class:`demar.latents.LatentDataset` root).
+        out_dir: where checkpoints, ``metrics.jsonl`` and ``model.pt`` go.
+        run: a :class:`demar.tracking.RunLogger` to log metrics and sample grids
+            to (default None: local files only).
+        callback: ``callback(step, model, ema_model)`` after every step (``step``
+            counts completed steps); it may raise (e.g. to prune a trial): the run
+            then stops with its last checkpoint intact. Under several processes it
+            must behave the same on all of them (default None).
+        decode: maps sampled tokens ``[B, N, d]`` to images ``[B, 3, H, W]`` in
+            ``[-1, 1]`` for the sample grids; without it no grid is logged (default None).
+        progress: show a tqdm bar on rank 0 (default True).
+        resume: continue from ``out_dir/checkpoints/last.pt`` when it was written with
+            the same configuration (default True).
+
+    Raises:
+        NonFiniteLossError: a step's loss or gradient norm is NaN or infinite.
+        ConfigError: ``micro_batches`` does not split over the processes, or
+            ``grad_checkpointing`` cannot apply.
+    """
+    env = D.init_distributed(train_cfg.device)
+    out_dir = Path(out_dir)
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+            trainer = _Trainer(
+                model_cfg,
+                train_cfg,
+                env,
+                Path(latents_dir),
+                out_dir,
+                run,
+                callback,
+                decode,
+                progress,
+                resume,
+            )
+            return trainer.run_loop()
+    finally:
+        D.teardown(env)

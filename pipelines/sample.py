@@ -1,0 +1,136 @@
+"""DVC stage ``sample@<row>``: draw the row's evaluation images with its EMA weights.
+
+Reads ``params.yaml`` (``sample:``, ``rows.<row>.seed`` and ``.size``, ``preset``), loads
+``models/<row>/model.pt`` (EMA weights when ``sample.use_ema``) and
+``models/tokenizer.pt``, and writes ``samples/<row>/``: the images, ``manifest.json``,
+``grid.png`` and ``timing.json`` (see :mod:`demar.generate`). A killed run resumes
+where it stopped when started again (declare the folder ``persist: true``).
+
+With ``--untrained`` it draws ``sample.untrained_num_images`` images, with the same
+settings, from a freshly initialised model of the same config (seeded as training
+seeds its initial weights) into ``samples/<row>_untrained/``: evaluation reports
+FID and class accuracy of that model beside the trained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from demar.config import ConfigError, load_yaml, validate
+from demar.distributed import resolve_device
+from demar.generate import GenerateResult, SampleStageConfig, generate
+from demar.model import DeMAR, load_model
+from demar.tokenizer import Tokenizer
+from demar.tracking import RunLogger, stage_run
+from demar.train import RowConfig, derive_seed
+from pipelines import stage_settings
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments shared by the ``sample`` and ``time_fid`` stages."""
+    p = argparse.ArgumentParser(description=description.splitlines()[0])
+    p.add_argument("--row", required=True, help="the row of params.yaml (rows.<row>)")
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument(
+        "--models", default="models", help="folder of <row>/model.pt and tokenizer.pt (default: %(default)s)"
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: %(default)s")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    return p
+
+
+def load_row(params: dict[str, Any], row: str, source: str) -> RowConfig:
+    """The validated ``rows.<row>`` entry (``ablation``, ``size``, ``seed``) of a loaded ``params.yaml``."""
+    rows = params.get("rows") or {}
+    if row not in rows:
+        known = ", ".join(map(str, rows)) or "none"
+        raise ConfigError(f"invalid configuration in {source}:\n  rows.{row}: unknown row (known: {known})")
+    return validate(RowConfig, rows[row], source=source, prefix=f"rows.{row}")
+
+
+def sample_section(params: dict[str, Any], source: str) -> SampleStageConfig:
+    """The validated ``sample:`` section; its seed comes from the row, so ``sample.seed`` is an error."""
+    data = params.get("sample") or {}
+    if "seed" in data:
+        raise ConfigError(
+            f"invalid configuration in {source}:\n  sample.seed: not a key; sampling uses the row's seed (rows.<row>.seed)"
+        )
+    return validate(SampleStageConfig, data, source=source, prefix="sample")
+
+
+def untrained_like(model: DeMAR, seed: int) -> DeMAR:
+    """A freshly initialised model of ``model``'s config, seeded as :mod:`demar.train` seeds its
+    initial weights (``derive_seed(seed, "init")``): a training run with this seed starts from it.
+
+    Args:
+        model: the trained model (its config and device are used).
+        seed: the row's seed.
+    """
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):  # leave the global RNG as it was
+        torch.manual_seed(derive_seed(seed, "init"))
+        fresh = DeMAR(model.cfg)
+    return fresh.to(device).eval()
+
+
+def log_result(run: RunLogger, result: GenerateResult) -> None:
+    """Log a :func:`demar.generate.generate` result: the grid as an image, timing as metrics."""
+    with Image.open(result.grid) as grid:
+        run.log_image(grid.copy(), "grid")
+    numeric = {k: v for k, v in result.timing.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    run.log_metrics({f"timing/{k}": v for k, v in numeric.items()})
+    run.log_dict(result.timing, "timing.json")
+    run.set_tags({"demar.device": result.timing.get("device", "")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = arg_parser(__doc__)
+    p.add_argument("--out", default="samples", help="samples folder (default: %(default)s)")
+    p.add_argument("--untrained", action="store_true", help="sample a freshly initialised model instead")
+    args = p.parse_args(argv)
+
+    params = load_yaml(args.params)
+    section = sample_section(params, args.params)
+    row = load_row(params, args.row, args.params)
+    preset, tracking = stage_settings(params, args.params)
+    device = resolve_device(args.device)
+
+    model_file = Path(args.models) / args.row / "model.pt"
+    tokenizer_file = Path(args.models) / "tokenizer.pt"
+    model = load_model(model_file, use_ema=section.use_ema, map_location=device)
+    if model.cfg.context != "class":
+        raise ConfigError(
+            f"{model_file}: the sample stage draws class-conditional images, the model is {model.cfg.context!r}"
+        )
+    tokenizer = Tokenizer.load(tokenizer_file, map_location=device)
+    if args.untrained:
+        model = untrained_like(model, row.seed)
+        cfg = section.for_run(row.seed, section.untrained_num_images, size=row.size)
+        out_dir, stage, source = Path(args.out) / f"{args.row}_untrained", "sample_untrained", None
+    else:
+        cfg = section.for_run(row.seed, size=row.size)
+        out_dir, stage, source = Path(args.out) / args.row, "sample", model_file
+
+    with stage_run(
+        stage, preset=preset, row=args.row, seed=row.seed, params={"sample": cfg.model_dump(mode="json")},
+        enabled=tracking.enabled and not args.no_mlflow, system_metrics=tracking.system_metrics,
+    ) as run:  # fmt: skip
+        result = generate(
+            model, tokenizer, cfg, out_dir, num_classes=model.cfg.num_classes, progress=not args.no_progress,
+            run=run, model_file=source, tokenizer_file=tokenizer_file, on_mismatch="restart",
+        )  # fmt: skip
+        log_result(run, result)
+    spi = result.sec_per_image
+    print(f"wrote {cfg.num_images} images to {out_dir} ({spi:.4g} s/image on {result.timing['device']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

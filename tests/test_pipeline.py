@@ -1,0 +1,120 @@
+"""End to end: `dvc repro` of the smoke preset in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from demar.params import apply_preset, list_presets, load_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_preset_validates_and_params_yaml_is_the_embedded_preset():
+    names = list_presets()
+    assert {"embedded", "smoke", "imagenet256_b", "imagenet256_l", "imagenet256_h"} <= set(names)
+    for name in names:
+        assert load_params(ROOT / "presets" / f"{name}.yaml").preset == name
+    assert (ROOT / "params.yaml").read_text() == (ROOT / "presets" / "embedded.yaml").read_text()
+
+
+def test_apply_preset_rejects_unknown_names_and_keeps_the_file(tmp_path):
+    target = tmp_path / "params.yaml"
+    target.write_text("keep me\n")
+    from demar.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        apply_preset("nope", target)
+    assert target.read_text() == "keep me\n"
+    apply_preset("smoke", target)
+    assert yaml.safe_load(target.read_text())["preset"] == "smoke"
+
+
+def test_unknown_top_level_key_is_an_error(tmp_path):
+    from demar.config import ConfigError
+
+    data = yaml.safe_load((ROOT / "presets" / "smoke.yaml").read_text())
+    data["trian"] = {}
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"trian: unknown key"):
+        load_params(p)
+
+
+def _copy_repository(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], cwd=dest, check=True
+    )
+
+
+def _dvc(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    dvc = Path(sys.executable).parent / "dvc"
+    return subprocess.run([str(dvc), *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_smoke_dvc_repro_end_to_end(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repository(repo)
+    apply_preset("smoke", repo / "params.yaml", repo / "presets")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(repo),
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    first = _dvc(["repro"], repo, env)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+
+    out = repo / "reports" / "out"
+    for name in ["table4.md", "table4.tex", "table4.csv", "table2.md", "fig4a_time_fid.png",
+                 "fig4b_params_fid.svg", "index.html", "mlflow_runs.csv"]:  # fmt: skip
+        assert (out / name).is_file(), name
+    evaluated = json.loads((repo / "metrics" / "evaluate" / "demar.json").read_text())
+    assert evaluated["row"] == "demar" and evaluated["fid"] >= 0
+
+    # One MLflow run per stage and row, all sharing one reproduction id.
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["demar-smoke"])
+    stages = set(runs["tags.demar.stage"])
+    assert {"prepare_data", "train_tokenizer", "extract_latents", "train_classifier", "train@demar",
+            "sample@mar", "evaluate@demar", "time_fid@mar", "report"} <= stages  # fmt: skip
+    assert runs["tags.demar.repro_id"].nunique() == 1
+    mlflow.set_tracking_uri(None)
+
+    # A second repro does nothing.
+    start = time.perf_counter()
+    again = _dvc(["repro"], repo, env)
+    assert again.returncode == 0 and "up to date" in again.stdout, again.stdout
+    assert time.perf_counter() - start < 60
+
+    # Changing one row's param re-runs only that row's stages and the report.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["rows"]["mar"]["seed"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _dvc(["status", "--json"], repo, env)
+    changed = set(json.loads(status.stdout))
+    assert changed == {"train@mar", "sample@mar", "evaluate@mar", "time_fid@mar", "report"}, changed
