@@ -67,19 +67,19 @@ class Params(StrictConfig):
         report: the report generators.
     """
 
-    preset: str = Field(min_length=1)
+    preset: str = Field("embedded", min_length=1)
     train_launcher: str = Field("python", min_length=1)
     tracking: TrackingConfig = TrackingConfig()
-    data: DataConfig
-    tokenizer: TokenizerStageConfig
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerStageConfig = TokenizerStageConfig()
     latents: LatentsConfig = LatentsConfig()
-    classifier: ClassifierConfig
+    classifier: ClassifierConfig = ClassifierConfig()
     model: dict[str, Any] = Field(default_factory=dict)
-    rows: dict[str, RowConfig] = Field(min_length=1)
+    rows: dict[str, RowConfig] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
-    sample: SampleStageConfig
-    time_fid: TimeFidConfig
-    evaluate: EvaluateConfig
+    sample: SampleStageConfig = SampleStageConfig()
+    time_fid: TimeFidConfig = TimeFidConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     report: dict[str, Any] = Field(default_factory=dict)
 
     def row_model(self, row: str) -> ModelConfig:

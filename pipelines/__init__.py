@@ -2,44 +2,50 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from typing import Any
-
-from demar.config import ConfigError, validate
 
 __all__ = ["add_threads_argument", "apply_threads", "stage_settings"]
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--threads N``: torch CPU threads of the stage (default ``$OMP_NUM_THREADS``, else torch's)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: $OMP_NUM_THREADS if set, else torch's default)",
+    )
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU threads to ``threads`` (or ``$OMP_NUM_THREADS``); ``None`` and unset leave torch's default."""
+    import torch
+
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1 (got {threads})")
+        torch.set_num_threads(threads)
+
+
 def stage_settings(params: dict[str, Any], source: str) -> tuple[str, Any]:
-    """The ``preset`` name and the validated ``tracking`` section shared by every stage.
+    """Validate the whole params file and return the ``preset`` name and the ``tracking`` section.
+
+    Every stage calls this before any work, so an unknown key or an invalid value
+    anywhere in ``params.yaml`` stops every stage with a message naming the key.
 
     Args:
-        params: the whole params file as a mapping.
+        params: the whole params file as a mapping (already read from ``source``).
         source: its path, quoted in errors.
 
     Returns:
         ``(preset, tracking)`` with ``tracking.enabled`` and ``tracking.system_metrics``.
     """
-    from pipelines.train import DEFAULT_PRESET, TrackingConfig  # imported here: `-m pipelines.train` stays clean
+    from demar.params import load_params
 
-    preset = params.get("preset", DEFAULT_PRESET)
-    if not isinstance(preset, str) or not preset:
-        raise ConfigError(f"invalid configuration in {source}:\n  preset: must be a non-empty string (got {preset!r})")
-    return preset, validate(TrackingConfig, params.get("tracking"), source=source, prefix="tracking")
-
-
-def add_threads_argument(parser: Any) -> None:
-    """Add ``--threads N`` (CPU threads of torch; 0 keeps torch's default) to an argparse parser."""
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="CPU threads for torch, 0 = torch's default (on a busy 2-core machine 1 is fastest for small models)",
-    )
-
-
-def apply_threads(threads: int) -> None:
-    """Set torch's CPU thread count when ``threads`` > 0."""
-    if threads > 0:
-        import torch
-
-        torch.set_num_threads(threads)
+    del params  # validated again from the file itself, with every section's model
+    validated = load_params(source)
+    return validated.preset, validated.tracking

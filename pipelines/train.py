@@ -29,24 +29,12 @@ from typing import Any
 
 import torch
 
-from demar.config import ConfigError, StrictConfig, load_yaml, validate
+from demar.config import ConfigError, load_yaml, validate
 from demar.io import write_json
+from demar.params import Params
 from demar.tracking import check_tracking, stage_run
 from demar.train import RowConfig, TrainConfig, row_model_config, train
 
-DEFAULT_PRESET = "embedded"
-
-
-class TrackingConfig(StrictConfig):
-    """``tracking`` in params.yaml.
-
-    Args:
-        enabled: log the run to MLflow (default True).
-        system_metrics: log CPU/GPU/memory system metrics with it (default True).
-    """
-
-    enabled: bool = True
-    system_metrics: bool = True
 
 
 def resolve(params: dict[str, Any], row_name: str, source: str) -> dict[str, Any]:
@@ -55,9 +43,8 @@ def resolve(params: dict[str, Any], row_name: str, source: str) -> dict[str, Any
     Returns:
         ``{"preset", "row", "model", "train", "tracking"}`` as config objects.
     """
-    preset = params.get("preset", DEFAULT_PRESET)
-    if not isinstance(preset, str) or not preset:
-        raise ConfigError(f"invalid configuration in {source}:\n  preset: must be a non-empty string (got {preset!r})")
+    whole = validate(Params, params, source=source)  # the whole file: unknown keys anywhere are errors
+    preset = whole.preset
     rows = params.get("rows") or {}
     if row_name not in rows:
         known = ", ".join(map(str, rows)) or "none"
@@ -70,7 +57,7 @@ def resolve(params: dict[str, Any], row_name: str, source: str) -> dict[str, Any
         )
     train_cfg = validate(TrainConfig, {**train_section, "seed": row.seed}, source=source, prefix="train")
     model_cfg = row_model_config(row, params.get("model"), source=source)
-    tracking = validate(TrackingConfig, params.get("tracking"), source=source, prefix="tracking")
+    tracking = whole.tracking
     return {"preset": preset, "row": row, "model": model_cfg, "train": train_cfg, "tracking": tracking}
 
 
