@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     out_file = Path(args.out) / f"{args.row}.json"
     record = {"row": args.row, "family": family, "ablation": row.ablation, "size": row.size, "seed": row.seed}
 
+    (Path(args.scratch) / args.row).mkdir(parents=True, exist_ok=True)  # the stage's declared output
     if family is None and sweep.families_only:
         write_json(out_file, {**record, "points": []})
         print(f"row {args.row} (ablation {row.ablation!r}) is in no Figure 4 family: no points, wrote {out_file}")

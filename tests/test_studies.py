@@ -88,7 +88,7 @@ def build_assets(root: Path) -> Path:
             "metrics": ["fid"], "batch_size": 20, "cache_dir": str(root / "fid_cache"),
         },
     )  # fmt: skip
-    params["model"].update(token_dim=4, seq_len=64, num_classes=NUM_CLASSES)
+    params["model"].update(token_dim=4, seq_len=64, patch_size=1, num_classes=NUM_CLASSES)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
     row = RowConfig.model_validate(params["rows"]["demar"])
