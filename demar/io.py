@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -14,7 +15,7 @@ import torch
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "read_json", "torch_save", "write_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "file_sha256", "read_json", "torch_save", "write_json"]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -60,3 +61,12 @@ def torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """SHA-256 hex digest of a file's bytes, read in ``chunk``-byte pieces (default 4 MiB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from demar.config import StrictConfig
-from demar.io import atomic_write_bytes, read_json, write_json
+from demar.io import atomic_write_bytes, file_sha256, read_json, write_json
 from demar.tokenizer import LOGVAR_MAX, LOGVAR_MIN, Tokenizer
 
 __all__ = [
@@ -105,14 +105,6 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _shard_batches(start: int, stop: int, batch_size: int) -> Iterator[list[int]]:
     for b in range(start, stop, batch_size):
         yield list(range(b, min(stop, b + batch_size)))
@@ -123,7 +115,7 @@ def _valid_shards(root: Path, manifest: dict[str, Any]) -> dict[int, dict[str, A
     done = {}
     for entry in manifest.get("shards", []):
         path = root / entry["file"]
-        if path.is_file() and _sha256_file(path) == entry["sha256"]:
+        if path.is_file() and file_sha256(path) == entry["sha256"]:
             done[int(entry["index"])] = entry
     return done
 
@@ -283,7 +275,7 @@ class LatentDataset(Dataset):
             path = self.root / entry["file"]
             if not path.is_file():
                 raise LatentError(f"latent shard missing: {path}")
-            if verify and _sha256_file(path) != entry["sha256"]:
+            if verify and file_sha256(path) != entry["sha256"]:
                 raise LatentError(f"latent shard {path}: sha256 does not match {self.root / 'manifest.json'}")
 
     def __len__(self) -> int:

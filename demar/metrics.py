@@ -44,7 +44,10 @@ import torch
 from PIL import Image
 from pydantic import Field
 from torch.utils.data import Dataset
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_fid import (
+    fid_features_to_statistics,
+    fid_statistics_to_metric,
+)
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
@@ -55,6 +58,7 @@ from demar.classifier import EXTRACTOR_NAME, as_uint8
 from demar.config import StrictConfig
 from demar.data.embedded import FORMAT as EMBEDDED_FORMAT
 from demar.data.embedded import EmbeddedDataset
+from demar.io import file_sha256 as file_digest
 from demar.io import read_json, torch_save
 
 __all__ = [
@@ -214,15 +218,6 @@ class EvaluateConfig(StrictConfig):
 
 
 # ----------------------------------------------------------------------------- image inputs
-
-
-def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def list_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:

@@ -27,7 +27,6 @@ latents for a tokenizer trained here, the ``tokenizer.checkpoint_scale`` param
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from demar.config import StrictConfig
-from demar.io import torch_save
+from demar.io import file_sha256, torch_save
 
 __all__ = [
     "AttnBlock",
@@ -372,15 +371,6 @@ class AutoencoderKL(nn.Module):
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the architecture; the message names the file and the keys."""
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in ``chunk``-byte pieces (default 1 MiB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _torch_load(path: Path) -> Any:
