@@ -27,7 +27,7 @@ from demar.latents import LatentsConfig
 from demar.metrics import EvaluateConfig
 from demar.model import ModelConfig
 from demar.tokenizer_train import TokenizerStageConfig
-from demar.train import RowConfig, TrainConfig, row_model_config
+from demar.train import RowConfig, row_model_config, row_train_config
 
 __all__ = ["PRESETS_DIR", "Params", "TrackingConfig", "apply_preset", "list_presets", "load_params"]
 
@@ -97,7 +97,7 @@ def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
     params = validate(Params, load_yaml(path), source=source)
     for name, row in params.rows.items():  # every row must build a model, with the shared knobs
         row_model_config(row, params.model, source=source)
-        validate(TrainConfig, {**params.train, "seed": row.seed}, source=source, prefix="train")
+        row_train_config(row, params.train, source=source)
     _validate_report(params.report, source)
     return params
 

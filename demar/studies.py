@@ -606,7 +606,6 @@ def resolve_base(cfg: StudyConfig, *, check_files: bool = True) -> StudyBase:
         FileNotFoundError: a file the objective needs is absent (with the stage that makes it).
     """
     from demar.params import load_params
-    from demar.train import TrainConfig
 
     spec, source = cfg.base, cfg.base.params
     params = load_params(source)  # the whole file, validated as every stage validates it
@@ -619,8 +618,9 @@ def resolve_base(cfg: StudyConfig, *, check_files: bool = True) -> StudyBase:
     needed = {base.tokenizer: "the tokenizer stage"}
     if cfg.objective == "training":
         configs["model"] = params.row_model(spec.row)
-        train_data = {**params.train, "seed": row.seed}  # the train stage's rule: the row's seed
-        configs["train"] = validate(TrainConfig, train_data, source=source, prefix="train")
+        from demar.train import row_train_config
+
+        configs["train"] = row_train_config(row, params.train, source=source)
         base.latents = Path(spec.latents)
         needed[base.latents / "manifest.json"] = "the latents stage"
     else:

@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from demar import distributed as D
-from demar.config import ConfigError, StrictConfig
+from demar.config import ConfigError, StrictConfig, validate
 from demar.diffusion_head import DiffusionHead
 from demar.ema import EMA
 from demar.io import atomic_write_text, torch_save
@@ -264,6 +264,24 @@ def row_model_config(row: RowConfig, model_section: dict[str, Any] | None, *, so
                 f"invalid configuration in {source}:\n  model.{key}: set per row (rows.<row>), not in model"
             )
     return ModelConfig.from_section({**data, "size": row.size, **ABLATION_ROWS[row.ablation]}, source=source)
+
+
+def row_train_config(row: RowConfig, train_section: dict[str, Any] | None, *, source: str = "<params>") -> TrainConfig:
+    """The :class:`TrainConfig` of a row: ``params.yaml``'s ``train`` with the row's seed.
+
+    ``train.seed`` is not a key: every row trains (and samples) with its own ``rows.<row>.seed``.
+
+    Args:
+        row: the row.
+        train_section: the ``train`` section (default None: all defaults).
+        source: the file it came from, quoted in errors (default ``"<params>"``).
+    """
+    data = dict(train_section or {})
+    if "seed" in data:
+        raise ConfigError(
+            f"invalid configuration in {source}:\n  train.seed: not a key; training uses the row's seed (rows.<row>.seed)"
+        )
+    return validate(TrainConfig, {**data, "seed": row.seed}, source=source, prefix="train")
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -33,7 +33,7 @@ from demar.config import ConfigError, load_yaml, validate
 from demar.io import write_json
 from demar.params import Params
 from demar.tracking import check_tracking, stage_run
-from demar.train import RowConfig, TrainConfig, row_model_config, train
+from demar.train import RowConfig, row_model_config, row_train_config, train
 
 
 
@@ -50,12 +50,7 @@ def resolve(params: dict[str, Any], row_name: str, source: str) -> dict[str, Any
         known = ", ".join(map(str, rows)) or "none"
         raise ConfigError(f"invalid configuration in {source}:\n  rows.{row_name}: unknown row (known: {known})")
     row = validate(RowConfig, rows[row_name], source=source, prefix=f"rows.{row_name}")
-    train_section = dict(params.get("train") or {})
-    if "seed" in train_section:
-        raise ConfigError(
-            f"invalid configuration in {source}:\n  train.seed: not a key; training uses the row's seed (rows.<row>.seed)"
-        )
-    train_cfg = validate(TrainConfig, {**train_section, "seed": row.seed}, source=source, prefix="train")
+    train_cfg = row_train_config(row, params.get("train"), source=source)
     model_cfg = row_model_config(row, params.get("model"), source=source)
     tracking = whole.tracking
     return {"preset": preset, "row": row, "model": model_cfg, "train": train_cfg, "tracking": tracking}
