@@ -572,15 +572,16 @@ class GaussianDiffusion:
         are the conditional half's as the model gives them (MAR).
 
         Args:
-            model_fn: ``(x_t [B', ..., d], t_original [B', ...]) -> [B', ..., 2d]``.
+            model_fn: ``(x_t [B', ..., d], t_original [B', ...] or broadcastable) -> [B', ..., 2d]``.
             x: state ``[B, ..., d]``.
-            t: step indices ``[B, ...]``.
+            t: step indices ``[B, ...]``, or one step broadcast over the rows (``[1, ...]``).
             cfg: guidance scale.
             guided: whether the model's batch is ``[conditional; unconditional]``.
         """
         if not guided:
             return model_fn(x, self.original_timesteps(t)).to(x.dtype)
-        out = model_fn(torch.cat([x, x], dim=0), self.original_timesteps(torch.cat([t, t], dim=0))).to(x.dtype)
+        t2 = t if t.shape[0] == 1 else torch.cat([t, t], dim=0)  # a broadcast step needs no copy
+        out = model_fn(torch.cat([x, x], dim=0), self.original_timesteps(t2)).to(x.dtype)
         cond, uncond = out.chunk(2, dim=0)
         d = x.shape[-1]
         eps = uncond[..., :d] + cfg * (cond[..., :d] - uncond[..., :d])
@@ -607,7 +608,7 @@ class GaussianDiffusion:
         x_{k-1} = sqrt(abar_prev) pred_x0 + sqrt(1 - abar_prev - sigma^2) eps + temperature * sigma * delta.
 
         Args:
-            model_fn: ``(x_t [B', ..., d], t_original [B', ...]) -> [B', ..., 2d]``.
+            model_fn: ``(x_t [B', ..., d], t_original [1, ...], broadcast over the rows) -> [B', ..., 2d]``.
             noise: the initial state ``[B, ..., d]`` (B rows; the guided halves share it).
             temperature: multiplies the per-step noise only (MAR; default 1.0).
             cfg: classifier-free guidance scale (default 1.0).
@@ -621,7 +622,8 @@ class GaussianDiffusion:
         guided = cfg != 1.0 if guided is None else guided
         x = noise
         for k in reversed(range(self.num_timesteps)):
-            t = torch.full(x.shape[:-1], k, dtype=torch.long, device=x.device)
+            # One step for every row and token, broadcast: the heads embed it once, not per token.
+            t = torch.full((1,) * (x.dim() - 1), k, dtype=torch.long, device=x.device)
             out = self.guided_output(model_fn, x, t, cfg, guided)  # step 1
             step = self.p_mean_variance(out, x, t)  # step 2
             if self.sampler == "ddpm":

@@ -67,7 +67,7 @@ class DiffusionHead(nn.Module, ABC):
 
         Args:
             x_t: noisy tokens.
-            t: one original (un-respaced) timestep per token.
+            t: one original (un-respaced) timestep per token, or ``[1, 1]`` broadcast over all (sampling).
             cond: what :meth:`prepare` returned for the same B rows and M tokens.
         """
 

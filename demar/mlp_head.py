@@ -140,7 +140,7 @@ class MLPHead(DiffusionHead):
         return self.cond_embed(z.to(self._dtype))  # [B, M, w]
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """``x_t [B, M, d]``, ``t [B, M]``, ``cond [B, M, w]`` -> ``[B, M, out_channels]``."""
+        """``x_t [B, M, d]``, ``t [B, M]`` (or broadcastable), ``cond [B, M, w]`` -> ``[B, M, out_channels]``."""
         x = self.input_proj(x_t)  # [B, M, w]
         y = self.time_embed(t) + cond  # [B, M, w] adaLN context
         for block in self.res_blocks:

@@ -38,6 +38,7 @@ from demar.embeddings import TimestepEmbedder
 __all__ = ["TransformerCondition", "TransformerHead", "TransformerHeadConfig", "transformer_head_param_count"]
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]
+Modulation = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class TransformerHeadConfig(StrictConfig):
@@ -89,6 +90,31 @@ def _norm(width: int) -> nn.LayerNorm:
     return nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
 
 
+def gate(beta: torch.Tensor) -> torch.Tensor:
+    """``tanh(beta)``, the blocks' output gates.
+
+    On the CPU it is computed as ``2 sigmoid(2 beta) - 1`` (equal up to rounding): PyTorch's
+    CPU ``tanh`` kernel is several times slower than its ``sigmoid``, and the gates are
+    recomputed at every diffusion step.
+    """
+    if beta.device.type != "cpu":
+        return torch.tanh(beta)
+    return 2 * torch.sigmoid(2 * beta) - 1
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention ``softmax(q k^T) v`` over ``[B, H, L, hd]`` queries and ``[B, H, N, hd]`` keys/values.
+
+    On the CPU it is three plain ops: PyTorch's fused CPU kernel costs about 0.2 ms per
+    call whatever the size, which dominates a diffusion step of the small heads (the
+    query sets are a few tokens against N keys). Elsewhere it is the fused kernel.
+    The keys come scaled by ``1 / sqrt(hd)`` already (:meth:`CrossAttention.keys_values`).
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    return torch.matmul(torch.matmul(q, k.transpose(-2, -1)).softmax(dim=-1), v)  # [B, H, L, hd]
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of queries from the noisy tokens to keys/values from z'.
 
@@ -106,18 +132,19 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def keys_values(self, z_norm: torch.Tensor) -> KeysValues:
-        """Project ``z' [B, N, D]`` to keys and values, each ``[B, heads, N, w / heads]``."""
+        """Project ``z' [B, N, D]`` to keys (scaled by ``1 / sqrt(w / heads)``) and values, each ``[B, heads, N, w / heads]``."""
         bsz, n, _ = z_norm.shape
         kv = self.kv(z_norm).view(bsz, n, 2, self.num_heads, -1)  # [B, N, 2, H, hd]
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [B, H, N, hd]
-        return k, v
+        # Contiguous once here, so the attention of every diffusion step reads them without a copy.
+        k, v = kv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # 2 x [B, H, N, hd]
+        return k * (k.shape[-1] ** -0.5), v  # the softmax scale, applied once per z instead of per query
 
     def forward(self, x: torch.Tensor, kv: KeysValues) -> torch.Tensor:
         """Queries ``x [B, L, w]`` (L independent tokens of each image) -> ``[B, L, w]``."""
         bsz, length, width = x.shape
         q = self.q(x).view(bsz, length, self.num_heads, -1).transpose(1, 2)  # [B, H, L, hd]
         k, v = kv
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))  # [B, H, L, hd]
+        out = attend(q, k.to(q.dtype), v.to(q.dtype))  # [B, H, L, hd]
         return self.proj(out.transpose(1, 2).reshape(bsz, length, width))  # [B, L, w]
 
 
@@ -142,16 +169,24 @@ class HeadBlock(nn.Module):
         self.norm_attn = _norm(width)
         self.norm2 = _norm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.norm_mlp = _norm(width)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, kv: KeysValues) -> torch.Tensor:
-        """``x [B, L, w]``, shared context ``c [B, L, 4w]``, keys/values of z' -> ``[B, L, w]``."""
+    def modulation(self, c: torch.Tensor) -> Modulation:
+        """``(alpha1, tanh(beta1), alpha2, tanh(beta2))``, each ``[B, L, w]``, from the shared context ``c [B, L, 4w]``.
+
+        :meth:`TransformerHead.denoise` computes these for all blocks at once; this is the same rule for one.
+        """
         alpha1, beta1, alpha2, beta2 = (self.scale * c + self.shift).chunk(4, dim=-1)  # 4 x [B, L, w]
+        return alpha1, gate(beta1), alpha2, gate(beta2)
+
+    def forward(self, x: torch.Tensor, mod: Modulation, kv: KeysValues) -> torch.Tensor:
+        """``x [B, L, w]``, this block's :meth:`modulation`, keys/values of z' -> ``[B, L, w]``."""
+        alpha1, gate1, alpha2, gate2 = mod
         u = self.attn(alpha1 * self.norm1(x), kv)  # [B, L, w]
-        y = x + torch.tanh(beta1) * self.norm_attn(u)  # [B, L, w]
+        y = torch.addcmul(x, gate1, self.norm_attn(u))  # x + tanh(beta1) norm(u)
         f = self.mlp(alpha2 * self.norm2(y))  # [B, L, w]
-        return y + torch.tanh(beta2) * self.norm_mlp(f)  # [B, L, w]
+        return torch.addcmul(y, gate2, self.norm_mlp(f))  # y + tanh(beta2) norm(f)
 
 
 class FinalLayer(nn.Module):
@@ -248,16 +283,31 @@ class TransformerHead(DiffusionHead):
         return TransformerCondition(z=zc, z_norm=z_norm, kv=kv)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TransformerCondition) -> torch.Tensor:
-        """``x_t [B, M, d]``, ``t [B, M]`` -> ``[B, M, out_channels]``."""
+        """``x_t [B, M, d]``, ``t [B, M]`` (or broadcastable) -> ``[B, M, out_channels]``."""
         x = self.input_proj(x_t)  # [B, M, w]
         c = self.adaLN_modulation(cond.z + self.time_embed(t))  # [B, M, 4w], shared by all blocks
+        mods = self.modulations(c)
         for j, block in enumerate(self.blocks):
             kv = cond.kv[j] if cond.kv is not None else block.attn.keys_values(cond.z_norm)  # 2 x [B, H, N, hd]
             if self.cfg.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, kv, use_reentrant=False)
+                x = checkpoint(block, x, mods[j], kv, use_reentrant=False)
             else:
-                x = block(x, c, kv)  # [B, M, w]
+                x = block(x, mods[j], kv)  # [B, M, w]
         return self.final_layer(x)  # [B, M, out_channels]
+
+    def modulations(self, c: torch.Tensor) -> list[Modulation]:
+        """Every block's :meth:`HeadBlock.modulation` of ``c [B, M, 4w]`` in three ops instead of four per block.
+
+        Computes ``scale_j * c + shift_j`` for all j as one ``[B, M, depth, 4, w]`` tensor and
+        the tanh gates of all blocks at once; a diffusion step of a small head is dominated
+        by the number of ops, not by their size.
+        """
+        w, depth = self.cfg.width, len(self.blocks)
+        scale = torch.stack([block.scale for block in self.blocks])  # [depth, 4w]
+        shift = torch.stack([block.shift for block in self.blocks])  # [depth, 4w]
+        m = torch.addcmul(shift, scale, c.unsqueeze(-2)).unflatten(-1, (4, w))  # [B, M, depth, 4, w]
+        gates = gate(m[..., 1::2, :])  # [B, M, depth, 2, w]: tanh(beta1), tanh(beta2)
+        return [(m[..., j, 0, :], gates[..., j, 0, :], m[..., j, 2, :], gates[..., j, 1, :]) for j in range(depth)]
 
 
 def transformer_head_param_count(

@@ -47,6 +47,33 @@ def test_seeds_must_differ():
         validate(EmbeddedConfig, {"train_seed": 3, "reference_seed": 3}, prefix="data.embedded")
 
 
+def test_variation_lists_narrow_the_draws_and_naming_every_value_changes_nothing():
+    everything = {"colours": list(COLOURS), "sizes": list(SIZES), "positions": list(POSITIONS),
+                  "backgrounds": list(BACKGROUNDS)}  # fmt: skip
+    base_img, _, base_cap = generate(EmbeddedConfig(**SMALL), "train", progress=False)
+    same_img, _, same_cap = generate(EmbeddedConfig(**SMALL, **everything), "train", progress=False)
+    assert torch.equal(base_img, same_img) and base_cap == same_cap
+    narrow = {"colours": ["red", "blue"], "sizes": ["large"], "positions": ["center"], "backgrounds": ["night"]}
+    _, attrs, caps = generate(EmbeddedConfig(**SMALL, **narrow), "train", progress=False)
+    cols = attrs.to_columns()
+    for key, column in (("colours", "colour"), ("sizes", "size"), ("positions", "position"),
+                        ("backgrounds", "background")):  # fmt: skip
+        assert set(cols[column]) == set(narrow[key]), key
+    assert all(c.startswith("a large ") and "in the center on a dark blue gradient" in c for c in caps)
+    assert torch.bincount(attrs.shape, minlength=len(SHAPES)).tolist() == [30] * len(SHAPES)  # still balanced
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("backgrounds", ["dark", "pink"], r"unknown backgrounds \['pink'\]"),
+     ("positions", ["center", "center"], "names a value more than once"),
+     ("sizes", [], "at least 1 item")],
+)  # fmt: skip
+def test_variation_lists_reject_unknown_repeated_or_no_names(key, value, message):
+    with pytest.raises(ConfigError, match=rf"data\.embedded\.{key}:.*{message}"):
+        validate(EmbeddedConfig, {key: value}, prefix="data.embedded")
+
+
 def test_shapes_dtype_and_balanced_classes():
     cfg = EmbeddedConfig(**SMALL)
     images, attrs, caps = generate(cfg, "train", progress=False)

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from demar.diffusion import DiffusionConfig
 from demar.diffusion_head import DiffusionHead
 from demar.mlp_head import MLPHead, MLPHeadConfig, mlp_head_param_count
-from demar.transformer_head import TransformerHead, TransformerHeadConfig, transformer_head_param_count
+from demar.transformer_head import (
+    TransformerHead,
+    TransformerHeadConfig,
+    attend,
+    transformer_head_param_count,
+)
 
 D_TOKEN, D_COND, N, M, B = 4, 24, 10, 5, 3
 HEADS = ["mlp", "transformer"]
@@ -142,6 +148,20 @@ def test_transformer_cached_and_uncached_keys_values_agree() -> None:
         cached = head.sample(zz, za, num_steps=10, temperature=1.0, cfg=cfg, generator=gen(4), cache_kv=True)
         fresh = head.sample(zz, za, num_steps=10, temperature=1.0, cfg=cfg, generator=gen(4), cache_kv=False)
         torch.testing.assert_close(cached, fresh, atol=1e-5, rtol=0)
+
+
+def test_transformer_head_plain_cpu_attention_matches_the_fused_kernel() -> None:
+    g = gen(6)
+    q, k, v = (torch.randn(3, 4, n, 8, generator=g) for n in (5, 11, 11))
+    torch.testing.assert_close(attend(q, k, v), F.scaled_dot_product_attention(q, k, v, scale=1.0))
+
+
+def test_transformer_head_modulations_of_all_blocks_equal_each_block_alone() -> None:
+    head = make_head("transformer")
+    c = torch.randn(B, M, 4 * 32, generator=gen(7))
+    for block, together in zip(head.blocks, head.modulations(c), strict=True):
+        for a, b in zip(together, block.modulation(c), strict=True):
+            torch.testing.assert_close(a, b)
 
 
 def test_transformer_loss_draws_share_keys_values_without_mixing() -> None:

@@ -40,7 +40,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -166,7 +166,15 @@ class EmbeddedConfig(StrictConfig):
         colour_jitter: largest change of each colour channel of the shape (default 15).
         background_jitter: largest change of each background channel (default 8).
         margin: pixels kept free between a shape and the image border (default 1.0).
+        colours: the colour names drawn from (default all of :data:`COLOURS`).
+        sizes: the size names drawn from (default all of :data:`SIZES`).
+        positions: the position names drawn from (default all of :data:`POSITIONS`).
+        backgrounds: the background names drawn from (default all of :data:`BACKGROUNDS`).
         chunk_size: images rendered at once; changes memory, not the result (default 1024).
+
+    The four name lists narrow the nuisance variation around the class (the shape).
+    Each attribute is still drawn with one uniform integer per image, so a list that
+    names every value gives the same images as the default.
     """
 
     resolution: int = Field(32, ge=16)
@@ -178,7 +186,23 @@ class EmbeddedConfig(StrictConfig):
     colour_jitter: int = Field(15, ge=0, le=40)
     background_jitter: int = Field(8, ge=0, le=20)
     margin: float = Field(1.0, ge=0)
+    colours: list[str] = Field(default_factory=lambda: list(COLOURS), min_length=1)
+    sizes: list[str] = Field(default_factory=lambda: list(SIZES), min_length=1)
+    positions: list[str] = Field(default_factory=lambda: list(POSITIONS), min_length=1)
+    backgrounds: list[str] = Field(default_factory=lambda: list(BACKGROUNDS), min_length=1)
     chunk_size: int = Field(1024, ge=1)
+
+    @field_validator("colours", "sizes", "positions", "backgrounds")
+    @classmethod
+    def _known_names(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        vocabulary = {"colours": COLOURS, "sizes": SIZES, "positions": POSITIONS, "backgrounds": BACKGROUNDS}
+        known = list(vocabulary[info.field_name])
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown {info.field_name} {unknown} (known: {', '.join(known)})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{info.field_name} names a value more than once: {names}")
+        return names
 
     @model_validator(mode="after")
     def _distinct_seeds(self) -> EmbeddedConfig:
@@ -349,6 +373,12 @@ def _jitter(base: torch.Tensor, amount: int, g: torch.Generator) -> torch.Tensor
     return (base + noise).clamp(0, 255)
 
 
+def _choose(allowed: list[str], vocabulary: list[str], num: int, g: torch.Generator) -> torch.Tensor:
+    """Indices into ``vocabulary`` of ``num`` names drawn uniformly from ``allowed``."""
+    pick = torch.randint(len(allowed), (num,), generator=g)
+    return torch.tensor([vocabulary.index(name) for name in allowed], dtype=torch.long)[pick]
+
+
 def draw_attributes(cfg: EmbeddedConfig, num: int, seed: int) -> Attributes:
     """Draw the attributes of ``num`` images from a generator seeded with ``seed``.
 
@@ -362,10 +392,10 @@ def draw_attributes(cfg: EmbeddedConfig, num: int, seed: int) -> Attributes:
     g = torch.Generator().manual_seed(seed)
     res = cfg.resolution
     shape = (torch.arange(num) % len(SHAPES))[torch.randperm(num, generator=g)]
-    colour = torch.randint(len(COLOURS), (num,), generator=g)
-    size = torch.randint(len(SIZES), (num,), generator=g)
-    position = torch.randint(len(POSITIONS), (num,), generator=g)
-    background = torch.randint(len(BACKGROUNDS), (num,), generator=g)
+    colour = _choose(cfg.colours, list(COLOURS), num, g)
+    size = _choose(cfg.sizes, list(SIZES), num, g)
+    position = _choose(cfg.positions, list(POSITIONS), num, g)
+    background = _choose(cfg.backgrounds, list(BACKGROUNDS), num, g)
 
     size_lo = torch.tensor([lo for lo, _ in SIZES.values()], dtype=torch.float64)[size]
     size_hi = torch.tensor([hi for _, hi in SIZES.values()], dtype=torch.float64)[size]
