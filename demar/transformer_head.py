@@ -172,16 +172,9 @@ class HeadBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
         self.norm_mlp = _norm(width)
 
-    def modulation(self, c: torch.Tensor) -> Modulation:
-        """``(alpha1, tanh(beta1), alpha2, tanh(beta2))``, each ``[B, L, w]``, from the shared context ``c [B, L, 4w]``.
-
-        :meth:`TransformerHead.denoise` computes these for all blocks at once; this is the same rule for one.
-        """
-        alpha1, beta1, alpha2, beta2 = (self.scale * c + self.shift).chunk(4, dim=-1)  # 4 x [B, L, w]
-        return alpha1, gate(beta1), alpha2, gate(beta2)
-
     def forward(self, x: torch.Tensor, mod: Modulation, kv: KeysValues) -> torch.Tensor:
-        """``x [B, L, w]``, this block's :meth:`modulation`, keys/values of z' -> ``[B, L, w]``."""
+        """``x [B, L, w]``, this block's ``(alpha1, tanh(beta1), alpha2, tanh(beta2))`` from
+        :meth:`TransformerHead.modulations`, keys/values of z' -> ``[B, L, w]``."""
         alpha1, gate1, alpha2, gate2 = mod
         u = self.attn(alpha1 * self.norm1(x), kv)  # [B, L, w]
         y = torch.addcmul(x, gate1, self.norm_attn(u))  # x + tanh(beta1) norm(u)
@@ -296,9 +289,10 @@ class TransformerHead(DiffusionHead):
         return self.final_layer(x)  # [B, M, out_channels]
 
     def modulations(self, c: torch.Tensor) -> list[Modulation]:
-        """Every block's :meth:`HeadBlock.modulation` of ``c [B, M, 4w]`` in three ops instead of four per block.
+        """Every block's ``(alpha1, tanh(beta1), alpha2, tanh(beta2))``, each ``[B, M, w]``, from ``c [B, M, 4w]``.
 
-        Computes ``scale_j * c + shift_j`` for all j as one ``[B, M, depth, 4, w]`` tensor and
+        ``(alpha1, beta1, alpha2, beta2) = split(scale_j * c + shift_j)``, computed for all j as one
+        ``[B, M, depth, 4, w]`` tensor in three ops instead of four per block, with
         the tanh gates of all blocks at once; a diffusion step of a small head is dominated
         by the number of ops, not by their size.
         """

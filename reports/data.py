@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from demar.config import ConfigError, load_yaml, validate
 from demar.io import read_json
+from demar.model import ABLATION_ROWS
 from demar.sizes import SIZES
 
 __all__ = [
@@ -40,8 +41,9 @@ __all__ = [
 
 Ablation = Literal["mar", "diff_head", "de_head", "demar"]
 
-# Table 4's rows, in the paper's order, with (transformer diffusion head, denoising head).
-ABLATIONS: tuple[str, ...] = ("mar", "diff_head", "de_head", "demar")
+# Table 4's rows, in the paper's order, and their (transformer diffusion head, denoising head)
+# switches, both from the model's own table.
+ABLATIONS: tuple[str, ...] = tuple(ABLATION_ROWS)
 ABLATION_LABELS: dict[str, str] = {
     "mar": "MAR",
     "diff_head": "+Diff. Head",
@@ -49,10 +51,8 @@ ABLATION_LABELS: dict[str, str] = {
     "demar": "De-MAR (full)",
 }
 ABLATION_HEADS: dict[str, tuple[bool, bool]] = {
-    "mar": (False, False),
-    "diff_head": (True, False),
-    "de_head": (False, True),
-    "demar": (True, True),
+    name: (switches["diffusion_head"] == "transformer", switches["denoising_head"])
+    for name, switches in ABLATION_ROWS.items()
 }
 # Figure 4's model families; the two partial ablations belong to none.
 FAMILIES: dict[str, str] = {"mar": "MAR", "demar": "De-MAR"}

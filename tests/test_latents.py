@@ -9,24 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_configs import TINY_TOKENIZER
 from torch.utils.data import Dataset
 
 from demar.data.embedded import EmbeddedConfig, EmbeddedDataset, write_split
 from demar.io import read_json, write_json
-from demar.latents import LatentDataset, LatentError, LatentsConfig, draw_latents, extract_latents
-from demar.tokenizer import Tokenizer, TokenizerConfig, file_sha256
-
-TINY = TokenizerConfig(
-    resolution=32,
-    ch=8,
-    ch_mult=(1, 2, 2),
-    num_res_blocks=1,
-    decoder_res_blocks=1,
-    attn_resolutions=(),
-    z_channels=4,
-    embed_dim=4,
-    norm_groups=4,
+from demar.latents import (
+    LatentDataset,
+    LatentError,
+    LatentsConfig,
+    draw_latents,
+    extract_latents,
 )
+from demar.tokenizer import Tokenizer, file_sha256
+
 CFG = LatentsConfig(shard_size=16, batch_size=6)  # batches of 6 inside shards of 16: shards end mid-batch
 NUM = 40  # -> shards of 16, 16, 8
 
@@ -44,7 +40,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("latents")
     write_split(EmbeddedConfig(num_train=NUM, num_reference=4), "train", root / "train", progress=False)
     torch.manual_seed(0)
-    tok = Tokenizer(TINY, scale=0.8).eval()
+    tok = Tokenizer(TINY_TOKENIZER, scale=0.8).eval()
     tok.save(root / "tok.pt")
     return root, tok
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from shared_configs import TINY_TOKENIZER
 
 from demar.config import ConfigError, validate
 from demar.data.embedded import EmbeddedConfig, generate
@@ -19,18 +20,6 @@ from demar.tokenizer_train import (
     reconstruction_psnr,
     to_unit,
     train_tokenizer,
-)
-
-TINY = TokenizerConfig(
-    resolution=32,
-    ch=8,
-    ch_mult=(1, 2, 2),
-    num_res_blocks=1,
-    decoder_res_blocks=1,
-    attn_resolutions=(),
-    z_channels=4,
-    embed_dim=4,
-    norm_groups=4,
 )
 
 
@@ -102,14 +91,14 @@ def test_kl16_loads_from_official_layout(tmp_path):
 
 
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
-    other = TokenizerConfig(**{**TINY.model_dump(), "embed_dim": 2})
+    other = TokenizerConfig(**{**TINY_TOKENIZER.model_dump(), "embed_dim": 2})
     sd = AutoencoderKL(other).state_dict()
     del sd["decoder.conv_out.bias"]
     sd["encoder.extra.weight"] = torch.zeros(1)
     path = tmp_path / "wrong.ckpt"
     torch.save({"model": sd}, path)
     with pytest.raises(CheckpointError) as err:
-        load_kl16(path, TINY, scale=1.0)
+        load_kl16(path, TINY_TOKENIZER, scale=1.0)
     msg = str(err.value)
     assert str(path) in msg
     assert "1 missing key(s)" in msg and "decoder.conv_out.bias" in msg
@@ -118,16 +107,16 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
 
     torch.save(sd, tmp_path / "flat.ckpt")  # a bare state dict, not {"model": ...}
     with pytest.raises(CheckpointError, match=r"flat\.ckpt: expected a dict with a 'model' state dict"):
-        load_kl16(tmp_path / "flat.ckpt", TINY, scale=1.0)
+        load_kl16(tmp_path / "flat.ckpt", TINY_TOKENIZER, scale=1.0)
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
-        load_kl16(tmp_path / "nowhere.ckpt", TINY, scale=1.0)
+        load_kl16(tmp_path / "nowhere.ckpt", TINY_TOKENIZER, scale=1.0)
 
 
 def test_bundle_round_trip(tmp_path):
-    tok = Tokenizer(TINY, scale=0.7, meta={"source": "test"})
+    tok = Tokenizer(TINY_TOKENIZER, scale=0.7, meta={"source": "test"})
     tok.save(tmp_path / "tok.pt")
     back = Tokenizer.load(tmp_path / "tok.pt")
-    assert back.scale == 0.7 and back.config == TINY and back.meta == {"source": "test"}
+    assert back.scale == 0.7 and back.config == TINY_TOKENIZER and back.meta == {"source": "test"}
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.equal(tok.eval().encode_moments(x), back.encode_moments(x))
@@ -135,7 +124,7 @@ def test_bundle_round_trip(tmp_path):
         assert z.shape == (2, 4, 8, 8)
         assert torch.allclose(back.decode(z), back.model.decode(z / 0.7))
     with pytest.raises(ValueError, match="positive"):
-        Tokenizer(TINY, scale=0.0)
+        Tokenizer(TINY_TOKENIZER, scale=0.0)
 
 
 def test_config_validation():
@@ -157,28 +146,28 @@ def test_posterior_clamp_sample_kl():
 
 def test_training_resumes_exactly(shapes, tmp_path):
     cfg = TokenizerTrainConfig(steps=6, batch_size=8, warmup_steps=2, log_every=1, checkpoint_every=3)
-    straight = train_tokenizer(TINY, cfg, shapes, progress=False)
+    straight = train_tokenizer(TINY_TOKENIZER, cfg, shapes, progress=False)
     ckpt = tmp_path / "resume.pt"
     with pytest.raises(_Stop):  # killed during step 4, after the checkpoint of step 3
-        train_tokenizer(TINY, cfg, shapes, checkpoint=ckpt, fingerprint="d", progress=False, on_log=_stop_at(4))
+        train_tokenizer(TINY_TOKENIZER, cfg, shapes, checkpoint=ckpt, fingerprint="d", progress=False, on_log=_stop_at(4))
     assert torch.load(ckpt, weights_only=True)["step"] == 3
-    resumed = train_tokenizer(TINY, cfg, shapes, checkpoint=ckpt, fingerprint="d", progress=False)
+    resumed = train_tokenizer(TINY_TOKENIZER, cfg, shapes, checkpoint=ckpt, fingerprint="d", progress=False)
     assert resumed.resumed_from == 3 and resumed.history == straight.history
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     # A checkpoint made for other data (or another config) is not resumed.
-    assert train_tokenizer(TINY, cfg, shapes, checkpoint=ckpt, fingerprint="other", progress=False).resumed_from == 0
+    assert train_tokenizer(TINY_TOKENIZER, cfg, shapes, checkpoint=ckpt, fingerprint="other", progress=False).resumed_from == 0
 
 
 def test_training_learns_scale_and_psnr(shapes):
     cfg = TokenizerTrainConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=5, log_every=5)
-    result = train_tokenizer(TINY, cfg, shapes, progress=False)
+    result = train_tokenizer(TINY_TOKENIZER, cfg, shapes, progress=False)
     assert result.history[-1]["recon"] < 0.5 * result.history[0]["recon"]
     scale = latent_scale(result.model, shapes, batch_size=32, seed=1)
     with torch.no_grad():
         z = DiagonalGaussian(result.model.encode_moments(to_unit(shapes))).sample(torch.Generator().manual_seed(2))
     assert abs((z * scale).std().item() - 1.0) < 0.05
-    tok = Tokenizer(TINY, scale, model=result.model)
+    tok = Tokenizer(TINY_TOKENIZER, scale, model=result.model)
     p = reconstruction_psnr(tok, shapes[:16], batch_size=8)
     assert p["psnr"] == pytest.approx(10 * torch.log10(torch.tensor(255.0**2 / p["mse"])).item(), rel=1e-6)
     assert 10 < p["psnr"] < 40 and p["psnr_image_mean"] >= p["psnr"] - 1e-6  # Jensen: mean of logs >= log of mean
