@@ -7,7 +7,9 @@ Measures, at each requested size (default ``tiny`` and ``B``):
    autoregressive and diffusion steps;
 3. the Transformer head's sampling with cached vs recomputed keys/values at
    100 diffusion steps, for a batch of images with M tokens each per
-   autoregressive step (M = N / 64 is the average of MAR's 64-step default).
+   autoregressive step (M = N / 64 is the average of MAR's 64-step default),
+   without guidance and with it (cfg 2: a conditional and a null-context row per
+   image, as the paper samples), eager and, where listed, under ``torch.compile``.
 
 and writes the "Model library" section of ``BENCHMARKS.md`` (machine, command,
 tables). Run: ``python benchmarks/bench_model.py [--sizes tiny B] [--threads 1]``.
@@ -42,7 +44,10 @@ SETUPS = {
         "repeats": 3,
         "sample_batch": 8,
         "sample": {"num_iter": 16, "diffusion_steps": 100, "cfg": 2.0},
+        "sample_repeats": 5,
         "cache": ((8, 1), (8, 16)),
+        "compiled": True,
+        "cache_repeats": 5,
     },
     "small": {
         "data": {"token_dim": 8, "seq_len": 64, "num_classes": 10, "buffer_size": 16},
@@ -51,7 +56,10 @@ SETUPS = {
         "repeats": 3,
         "sample_batch": 8,
         "sample": {"num_iter": 16, "diffusion_steps": 100, "cfg": 2.0},
+        "sample_repeats": 5,
         "cache": ((8, 1), (8, 16)),
+        "compiled": True,
+        "cache_repeats": 5,
     },
     "B": {
         "data": {},  # ImageNet 256: N = 256, d = 16, 1000 classes, buffer 64
@@ -60,7 +68,12 @@ SETUPS = {
         "repeats": 1,
         "sample_batch": 1,
         "sample": {"num_iter": 8, "diffusion_steps": 12, "cfg": 1.0},
+        "sample_repeats": 1,
         "cache": ((1, 4), (4, 4)),
+        # A cached step at B is bound by reading the head's weights (matrix-vector work),
+        # which compilation does not change; compiling the B model costs minutes.
+        "compiled": False,
+        "cache_repeats": 2,
     },
 }
 
@@ -109,32 +122,48 @@ def time_train_step(size: str, row: str) -> tuple[float, int]:
     return sorted(times)[len(times) // 2], model.param_counts()["total"]
 
 
-def time_sampling(size: str, row: str, settings: SampleSettings) -> float:
-    """Seconds per image of one sampling run (after a one-step warm-up)."""
-    model = build(size, row).eval()
+def time_sampling(size: str, rows: tuple[str, ...], settings: SampleSettings) -> dict[str, float]:
+    """Seconds per image of a sampling run of each row: best of the size's ``sample_repeats``
+    rounds, the rows taking turns within a round (so a slow spell of the machine hits all rows
+    alike), after a one-step warm-up (with ``settings.compile``: after one whole untimed run,
+    which compiles every shape the timed runs meet)."""
+    torch._dynamo.reset()  # compile from scratch, within the warm-up
+    models = {row: build(size, row).eval() for row in rows}
     b = SETUPS[size]["sample_batch"]
-    labels = torch.arange(b) % model.cfg.num_classes
-    model.sample(labels, settings.model_copy(update={"num_iter": 1, "diffusion_steps": 2}))
-    t0 = time.perf_counter()
-    model.sample(labels, settings, torch.Generator().manual_seed(0))
-    return (time.perf_counter() - t0) / b
+    labels = torch.arange(b) % next(iter(models.values())).cfg.num_classes
+    warmup = settings if settings.compile else settings.model_copy(update={"num_iter": 1, "diffusion_steps": 2})
+    for model in models.values():
+        model.sample(labels, warmup)
+    best = dict.fromkeys(rows, float("inf"))
+    for _ in range(SETUPS[size]["sample_repeats"]):
+        for row, model in models.items():
+            t0 = time.perf_counter()
+            model.sample(labels, settings, torch.Generator().manual_seed(0))
+            best[row] = min(best[row], time.perf_counter() - t0)
+    return {row: t / b for row, t in best.items()}
 
 
 @torch.no_grad()
-def time_head_cache(size: str, images: int, tokens: int, steps: int) -> tuple[float, float]:
-    """Transformer head sampling of ``tokens`` tokens in each of ``images`` images: (cached, uncached) seconds."""
-    model = build(size, "demar").eval()
-    cfg, head = model.cfg, model.diffusion_head
-    z_all = torch.randn(images, cfg.seq_len, cfg.width)
+def time_head_cache(
+    model: DeMAR, images: int, tokens: int, *, cfg: float, steps: int, compile: bool, repeats: int
+) -> tuple[float, float]:
+    """(cached, uncached) seconds of the Transformer head sampling ``tokens`` tokens in each of
+    ``images`` images (``2 x images`` rows when guided): best of ``repeats`` interleaved runs,
+    after one untimed run of each (which also compiles)."""
+    torch._dynamo.reset()  # each setting compiles from scratch, within the untimed runs
+    rows = images * (2 if cfg != 1.0 else 1)
+    z_all = torch.randn(rows, model.cfg.seq_len, model.cfg.width, generator=torch.Generator().manual_seed(0))
     z = z_all[:, :tokens]
-    out = []
-    for cache in (True, False):
-        head.sample(z, z_all, num_steps=2, temperature=1.0, cfg=1.0, generator=None, cache_kv=cache)  # warm-up
-        t0 = time.perf_counter()
-        head.sample(z, z_all, num_steps=steps, temperature=1.0, cfg=1.0,
-                    generator=torch.Generator().manual_seed(0), cache_kv=cache)  # fmt: skip
-        out.append(time.perf_counter() - t0)
-    return out[0], out[1]
+    head = model.diffusion_head
+    best = {True: float("inf"), False: float("inf")}
+    for i in range(repeats + 1):
+        for cache in (True, False):
+            t0 = time.perf_counter()
+            head.sample(z, z_all, num_steps=steps, temperature=1.0, cfg=cfg,
+                        generator=torch.Generator().manual_seed(0), cache_kv=cache, compile=compile)  # fmt: skip
+            if i:
+                best[cache] = min(best[cache], time.perf_counter() - t0)
+    return best[True], best[False]
 
 
 def run(sizes: list[str]) -> str:
@@ -159,27 +188,40 @@ def run(sizes: list[str]) -> str:
         s = SampleSettings(**setup["sample"])
         lines.append(
             f"\nSampling, {setup['sample_batch']} image(s) per batch, {s.num_iter} autoregressive steps, "
-            f"{s.diffusion_steps} diffusion steps, cfg {s.cfg}:\n"
+            f"{s.diffusion_steps} diffusion steps, cfg {s.cfg}, best of {setup['sample_repeats']} run(s):\n"
         )
-        lines.append("| row | s / image | vs MAR |")
-        lines.append("|---|---|---|")
-        base = None
-        for row in ("mar", "demar"):
-            t = time_sampling(size, row, s)
-            base = base or t
-            lines.append(f"| {row} | {t:.3f} | {t / base:.2f}x |")
-            print(f"[{size}] sample {row}: {t:.3f} s/image", flush=True)
+        lines.append("| row | run | s / image | vs MAR |")
+        lines.append("|---|---|---|---|")
+        for compile in (False, True) if setup["compiled"] else (False,):
+            run_kind = "compiled" if compile else "eager"
+            times = time_sampling(size, ("mar", "demar"), s.model_copy(update={"compile": compile}))
+            for row, t in times.items():
+                lines.append(f"| {row} | {run_kind} | {t:.3f} | {t / times['mar']:.2f}x |")
+                print(f"[{size}] sample {row} {run_kind}: {t:.3f} s/image", flush=True)
 
+        repeats = setup["cache_repeats"]
         lines.append(
             "\nTransformer head alone, one autoregressive step's sampling at 100 diffusion steps, "
-            "keys/values cached vs recomputed at every step:\n"
+            "keys/values cached vs recomputed at every step (the uncached head also recomputes "
+            f"norm(z_all)); best of {repeats} interleaved runs after one untimed run of each; "
+            "cfg 2 samples a conditional and a null-context row per image:\n"
         )
-        lines.append("| images | tokens per image | cached s | uncached s | speed-up |")
-        lines.append("|---|---|---|---|---|")
-        for images, m in setup["cache"]:
-            cached, uncached = time_head_cache(size, images, m, 100)
-            lines.append(f"| {images} | {m} | {cached:.3f} | {uncached:.3f} | {uncached / cached:.1f}x |")
-            print(f"[{size}] cache {images}x{m}: {cached:.3f} vs {uncached:.3f}", flush=True)
+        lines.append("| images | tokens per image | cfg | run | cached s | uncached s | speed-up |")
+        lines.append("|---|---|---|---|---|---|---|")
+        model = build(size, "demar").eval()
+        for compile in (False, True) if setup["compiled"] else (False,):
+            for images, m in setup["cache"]:
+                for cfg in (1.0, 2.0):
+                    cached, uncached = time_head_cache(
+                        model, images, m, cfg=cfg, steps=100, compile=compile, repeats=repeats
+                    )
+                    run_kind = "compiled" if compile else "eager"
+                    lines.append(
+                        f"| {images} | {m} | {cfg:g} | {run_kind} | {cached:.3f} | {uncached:.3f} "
+                        f"| {uncached / cached:.1f}x |"
+                    )
+                    label = f"[{size}] cache {images}x{m} cfg {cfg:g} {run_kind}"
+                    print(f"{label}: {cached:.3f} / {uncached:.3f} s", flush=True)
         lines.append("")
     return "\n".join(lines)
 

@@ -322,6 +322,7 @@ class GaussianDiffusion:
         self.clip_x0 = clip_x0
         self.num_timesteps = len(betas)
         self.timestep_map = list(range(self.num_timesteps)) if timestep_map is None else [int(t) for t in timestep_map]
+        self._compiled_steps: dict[str, Callable[..., torch.Tensor]] = {}
         if len(self.timestep_map) != self.num_timesteps:
             raise ValueError("timestep_map must have one entry per step")
 
@@ -384,6 +385,12 @@ class GaussianDiffusion:
                 # float64 -> dtype on the host, then one copy to the device (ADM casts the same way).
                 self._cache[key] = torch.from_numpy(getattr(self, name)).to(dtype).to(device)
         return self._cache[key]
+
+    def _build_tables(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Every constant table on ``device`` in ``dtype`` (and the timestep map), built now."""
+        for name in self._TABLES:
+            self._table(name, device, dtype)
+        self._table("timestep_map", device, torch.long)
 
     def _at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``table[t]`` as ``[..., 1]`` in ``like``'s device and dtype (broadcasts over the token dim)."""
@@ -563,7 +570,7 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ sampling
 
     def guided_output(
-        self, model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cfg: float, guided: bool
+        self, model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cfg: float | torch.Tensor, guided: bool
     ) -> torch.Tensor:
         """Model output for the current state, with classifier-free guidance on eps when ``guided``.
 
@@ -575,7 +582,7 @@ class GaussianDiffusion:
             model_fn: ``(x_t [B', ..., d], t_original [B', ...] or broadcastable) -> [B', ..., 2d]``.
             x: state ``[B, ..., d]``.
             t: step indices ``[B, ...]``, or one step broadcast over the rows (``[1, ...]``).
-            cfg: guidance scale.
+            cfg: guidance scale (a float or a 0-dim tensor).
             guided: whether the model's batch is ``[conditional; unconditional]``.
         """
         if not guided:
@@ -587,6 +594,54 @@ class GaussianDiffusion:
         eps = uncond[..., :d] + cfg * (cond[..., :d] - uncond[..., :d])
         return torch.cat([eps, cond[..., d:]], dim=-1)
 
+    def reverse_step(
+        self,
+        model_fn: ModelFn,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        delta: torch.Tensor | None,
+        *,
+        cfg: float | torch.Tensor,
+        guided: bool,
+        temperature: float,
+    ) -> torch.Tensor:
+        """One reverse step ``x_k -> x_{k-1}``, a pure function of its inputs (see :meth:`sample`).
+
+        Args:
+            model_fn: as in :meth:`sample`.
+            x: the state ``[B, ..., d]``.
+            t: this step's index, broadcast over the rows and tokens ``[1, ...]``.
+            delta: this step's standard normal draw ``[B, ..., d]``, or None for a noiseless step.
+            cfg: guidance scale (a float or a 0-dim tensor).
+            guided: whether the model's batch is ``[conditional; unconditional]``.
+            temperature: multiplies ``delta``.
+        """
+        out = self.guided_output(model_fn, x, t, cfg, guided)  # step 1
+        step = self.p_mean_variance(out, x, t)  # step 2
+        if self.sampler == "ddpm":
+            if delta is None:
+                return step.mean
+            return step.mean + torch.exp(0.5 * step.log_variance) * delta * temperature  # step 3
+        eps, _ = self.split_output(out, x.shape[-1])
+        abar = self._at("alphas_cumprod", t, x)
+        abar_prev = self._at("alphas_cumprod_prev", t, x)
+        if self.clip_x0 is not None:  # eps consistent with the clipped x_0 (ADM)
+            eps = (x - torch.sqrt(abar) * step.pred_x0) / torch.sqrt(1 - abar)
+        sigma = self.ddim_eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        x = step.pred_x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
+        return x if delta is None else x + sigma * delta * temperature
+
+    def compiled_reverse_step(self, device: torch.device) -> Callable[..., torch.Tensor]:
+        """:meth:`reverse_step` under ``torch.compile`` for ``device``, built once per process.
+
+        On the CPU the generated code gets a C++ wrapper, which removes most of the
+        per-kernel Python cost of a step of the small heads.
+        """
+        if device.type not in self._compiled_steps:
+            options = {"cpp_wrapper": True} if device.type == "cpu" else None
+            self._compiled_steps[device.type] = torch.compile(self.reverse_step, options=options)
+        return self._compiled_steps[device.type]
+
     @torch.no_grad()
     def sample(
         self,
@@ -597,6 +652,7 @@ class GaussianDiffusion:
         cfg: float = 1.0,
         generator: torch.Generator | None = None,
         guided: bool | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """Run the reverse process from x_{T-1} = ``noise`` down to x_0.
 
@@ -615,31 +671,32 @@ class GaussianDiffusion:
             generator: random stream of the per-step noise (default None: global RNG).
             guided: whether the model batch is doubled ``[cond; uncond]`` (default None:
                 ``cfg != 1``).
+            compile: run each step through ``torch.compile`` (default False). The draws
+                stay outside the compiled code, so the random stream is the same; the
+                first calls pay the compilation (seconds to a minute on a CPU).
 
         Returns:
             x_0 ``[B, ..., d]``.
         """
         guided = cfg != 1.0 if guided is None else guided
+        noisy = temperature != 0 and (self.sampler == "ddpm" or self.ddim_eta > 0)
+        step = self.reverse_step
+        if compile:
+            # Everything the compiled step meets must look the same at every call, or it is
+            # compiled again: the constant tables exist before the first call, the scale is
+            # a tensor (a linear cfg schedule changes it at every autoregressive step) and
+            # the last, noiseless step gets a zero draw instead of None.
+            step = self.compiled_reverse_step(noise.device)
+            self._build_tables(noise.device, noise.dtype)
+            if guided:
+                cfg = torch.tensor(cfg, dtype=noise.dtype, device=noise.device)
         x = noise
         for k in reversed(range(self.num_timesteps)):
             # One step for every row and token, broadcast: the heads embed it once, not per token.
             t = torch.full((1,) * (x.dim() - 1), k, dtype=torch.long, device=x.device)
-            out = self.guided_output(model_fn, x, t, cfg, guided)  # step 1
-            step = self.p_mean_variance(out, x, t)  # step 2
-            if self.sampler == "ddpm":
-                x = step.mean
-                if k > 0 and temperature != 0:  # step 3
-                    delta = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    x = x + torch.exp(0.5 * step.log_variance) * delta * temperature
+            if noisy and k > 0:
+                delta = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             else:
-                eps, _ = self.split_output(out, x.shape[-1])
-                abar = self._at("alphas_cumprod", t, x)
-                abar_prev = self._at("alphas_cumprod_prev", t, x)
-                if self.clip_x0 is not None:  # eps consistent with the clipped x_0 (ADM)
-                    eps = (x - torch.sqrt(abar) * step.pred_x0) / torch.sqrt(1 - abar)
-                sigma = self.ddim_eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-                x = step.pred_x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
-                if k > 0 and temperature != 0 and self.ddim_eta > 0:
-                    delta = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    x = x + sigma * delta * temperature
+                delta = torch.zeros_like(x) if compile and noisy else None
+            x = step(model_fn, x, t, delta, cfg=cfg, guided=guided, temperature=temperature)
         return x

@@ -132,6 +132,7 @@ class DiffusionHead(nn.Module, ABC):
         cfg: float,
         generator: torch.Generator | None,
         cache_kv: bool = True,
+        compile: bool = False,
     ) -> torch.Tensor:
         """Sample tokens by the respaced reverse process (method.md, sampling step 4).
 
@@ -148,6 +149,7 @@ class DiffusionHead(nn.Module, ABC):
             generator: random stream for the initial and per-step noise (None: global RNG).
             cache_kv: compute the transformer head's attention keys/values once for all
                 diffusion steps (default True; False recomputes them at every step).
+            compile: run each diffusion step through ``torch.compile`` (default False).
 
         Returns:
             ``[B, M, d]`` sampled tokens.
@@ -167,4 +169,5 @@ class DiffusionHead(nn.Module, ABC):
             cfg=cfg,
             generator=generator,
             guided=guided,
+            compile=compile,
         )

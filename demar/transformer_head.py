@@ -17,7 +17,8 @@ noisy tokens never attend to each other, so every token is independent given z.
 
 The attention keys/values depend on z only, so :meth:`TransformerHead.prepare`
 computes them once per autoregressive step (``cache_kv=True``) and every diffusion
-step reuses them; ``cache_kv=False`` recomputes them inside every ``denoise`` call.
+step reuses them; ``cache_kv=False`` recomputes them, ``norm(z_all)`` included, inside
+every ``denoise`` call, as a head without a cache would.
 """
 
 from __future__ import annotations
@@ -75,12 +76,13 @@ class TransformerCondition:
 
     Attributes:
         z: the tokens' own conditions, projected to w: ``[B, M, w]``.
-        z_norm: ``z' = norm(z_all)``: ``[B, N, D]``.
-        kv: per block ``(keys, values)``, each ``[B, heads, N, w / heads]``; None when not cached.
+        z_all: the conditional tokens of all positions ``[B, N, D]``.
+        kv: per block ``(keys, values)`` of ``norm(z_all)``, each ``[B, heads, N, w / heads]``;
+            None when not cached.
     """
 
     z: torch.Tensor
-    z_norm: torch.Tensor
+    z_all: torch.Tensor
     kv: list[KeysValues] | None
 
 
@@ -263,29 +265,33 @@ class TransformerHead(DiffusionHead):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def prepare(self, z: torch.Tensor, z_all: torch.Tensor | None, *, cache_kv: bool = True) -> TransformerCondition:
-        """Once per call: ``z [B, M, D] -> [B, M, w]``, ``z' = norm(z_all [B, N, D])`` and, with
-        ``cache_kv``, every block's keys/values of z'."""
+        """Once per call: ``z [B, M, D] -> [B, M, w]`` and, with ``cache_kv``, every block's
+        keys/values of ``z' = norm(z_all [B, N, D])``."""
         if z_all is None:
             raise ValueError("the transformer head needs z_all, the conditional tokens of all positions")
         if z_all.shape[0] != z.shape[0]:
             raise ValueError(f"z has {z.shape[0]} rows but z_all has {z_all.shape[0]}")
         dtype = self._dtype
         zc = self.cond_embed(z.to(dtype))  # [B, M, w]
-        z_norm = self.z_norm(z_all.to(dtype))  # [B, N, D]
-        kv = [block.attn.keys_values(z_norm) for block in self.blocks] if cache_kv else None
-        return TransformerCondition(z=zc, z_norm=z_norm, kv=kv)
+        z_all = z_all.to(dtype)  # [B, N, D]
+        return TransformerCondition(z=zc, z_all=z_all, kv=self.keys_values(z_all) if cache_kv else None)
+
+    def keys_values(self, z_all: torch.Tensor) -> list[KeysValues]:
+        """Every block's keys/values of ``z' = norm(z_all [B, N, D])``."""
+        z_norm = self.z_norm(z_all)  # [B, N, D]
+        return [block.attn.keys_values(z_norm) for block in self.blocks]
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: TransformerCondition) -> torch.Tensor:
         """``x_t [B, M, d]``, ``t [B, M]`` (or broadcastable) -> ``[B, M, out_channels]``."""
         x = self.input_proj(x_t)  # [B, M, w]
         c = self.adaLN_modulation(cond.z + self.time_embed(t))  # [B, M, 4w], shared by all blocks
         mods = self.modulations(c)
-        for j, block in enumerate(self.blocks):
-            kv = cond.kv[j] if cond.kv is not None else block.attn.keys_values(cond.z_norm)  # 2 x [B, H, N, hd]
+        kvs = cond.kv if cond.kv is not None else self.keys_values(cond.z_all)  # per block 2 x [B, H, N, hd]
+        for block, mod, kv in zip(self.blocks, mods, kvs, strict=True):
             if self.cfg.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, mods[j], kv, use_reentrant=False)
+                x = checkpoint(block, x, mod, kv, use_reentrant=False)
             else:
-                x = block(x, mods[j], kv)  # [B, M, w]
+                x = block(x, mod, kv)  # [B, M, w]
         return self.final_layer(x)  # [B, M, out_channels]
 
     def modulations(self, c: torch.Tensor) -> list[Modulation]:
