@@ -49,7 +49,8 @@ class SampleSettings(StrictConfig):
             False). Same draws, equal results up to float rounding. The first two
             autoregressive steps pay the compilation (tens of seconds on a CPU; one graph
             for their shape, then one for any number of tokens), so it pays off for long
-            runs of the small heads, whose steps are dominated by per-op cost.
+            runs of the small heads, whose steps are dominated by per-op cost. On the
+            CPU, torch.compile needs a C++ compiler.
     """
 
     num_iter: int = Field(64, ge=1)
