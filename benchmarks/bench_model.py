@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from demar.io import atomic_write_text
 from demar.model import ABLATION_ROWS, DeMAR, ModelConfig
@@ -36,31 +37,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # Per size: data shape, training batch and timed steps, and the sampling settings of the
 # MAR vs De-MAR comparison. At B the AR/diffusion steps (8 / 12) keep MAR's cost split of its
 # defaults (64 / 100): about 70% backbone, 30% diffusion head, at a CPU-affordable total.
+CPU_SETUP = {
+    "data": {"token_dim": 8, "seq_len": 64, "num_classes": 10, "buffer_size": 16},
+    "train_batch": 32,
+    "warmup": 1,
+    "repeats": 3,
+    "sample_batch": 8,
+    "sample": {"num_iter": 16, "diffusion_steps": 100, "cfg": 2.0},
+    "sample_repeats": 5,
+    "cache": ((8, 1), (8, 16)),
+    "compiled": True,
+    "cache_repeats": 5,
+}
 SETUPS = {
-    "tiny": {
-        "data": {"token_dim": 8, "seq_len": 64, "num_classes": 10, "buffer_size": 16},
-        "train_batch": 32,
-        "warmup": 1,
-        "repeats": 3,
-        "sample_batch": 8,
-        "sample": {"num_iter": 16, "diffusion_steps": 100, "cfg": 2.0},
-        "sample_repeats": 5,
-        "cache": ((8, 1), (8, 16)),
-        "compiled": True,
-        "cache_repeats": 5,
-    },
-    "small": {
-        "data": {"token_dim": 8, "seq_len": 64, "num_classes": 10, "buffer_size": 16},
-        "train_batch": 32,
-        "warmup": 1,
-        "repeats": 3,
-        "sample_batch": 8,
-        "sample": {"num_iter": 16, "diffusion_steps": 100, "cfg": 2.0},
-        "sample_repeats": 5,
-        "cache": ((8, 1), (8, 16)),
-        "compiled": True,
-        "cache_repeats": 5,
-    },
+    "tiny": CPU_SETUP,
+    "small": CPU_SETUP,
     "B": {
         "data": {},  # ImageNet 256: N = 256, d = 16, 1000 classes, buffer 64
         "train_batch": 1,
@@ -70,8 +61,8 @@ SETUPS = {
         "sample": {"num_iter": 8, "diffusion_steps": 12, "cfg": 1.0},
         "sample_repeats": 1,
         "cache": ((1, 4), (4, 4)),
-        # A cached step at B is bound by reading the head's weights (matrix-vector work),
-        # which compilation does not change; compiling the B model costs minutes.
+        # A cached step at B is bound by reading the head's weights (matrix-vector work;
+        # see the cost table), which compilation does not change.
         "compiled": False,
         "cache_repeats": 2,
     },
@@ -122,25 +113,58 @@ def time_train_step(size: str, row: str) -> tuple[float, int]:
     return sorted(times)[len(times) // 2], model.param_counts()["total"]
 
 
-def time_sampling(size: str, rows: tuple[str, ...], settings: SampleSettings) -> dict[str, float]:
-    """Seconds per image of a sampling run of each row: best of the size's ``sample_repeats``
-    rounds, the rows taking turns within a round (so a slow spell of the machine hits all rows
-    alike), after a one-step warm-up (with ``settings.compile``: after one whole untimed run,
-    which compiles every shape the timed runs meet)."""
+def time_sampling(
+    size: str, rows: tuple[str, ...], settings: SampleSettings
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per row: (seconds per image of a sampling run, seconds of the warm-up run).
+
+    The timed figure is the best of the size's ``sample_repeats`` rounds, the rows taking
+    turns within a round (so a slow spell of the machine hits all rows alike). The warm-up
+    is one step, or with ``settings.compile`` one whole run, which compiles every shape the
+    timed runs meet (its time is the compilation plus one run).
+    """
     torch._dynamo.reset()  # compile from scratch, within the warm-up
     models = {row: build(size, row).eval() for row in rows}
     b = SETUPS[size]["sample_batch"]
     labels = torch.arange(b) % next(iter(models.values())).cfg.num_classes
     warmup = settings if settings.compile else settings.model_copy(update={"num_iter": 1, "diffusion_steps": 2})
-    for model in models.values():
+    warmup_s = {}
+    for row, model in models.items():
+        t0 = time.perf_counter()
         model.sample(labels, warmup)
+        warmup_s[row] = time.perf_counter() - t0
     best = dict.fromkeys(rows, float("inf"))
     for _ in range(SETUPS[size]["sample_repeats"]):
         for row, model in models.items():
             t0 = time.perf_counter()
             model.sample(labels, settings, torch.Generator().manual_seed(0))
             best[row] = min(best[row], time.perf_counter() - t0)
-    return {row: t / b for row, t in best.items()}
+    return {row: t / b for row, t in best.items()}, warmup_s
+
+
+@torch.no_grad()
+def step_costs(model: DeMAR, rows: int, tokens: int) -> tuple[float, float]:
+    """(FLOPs of one cached diffusion step of the Transformer head, FLOPs of its keys/values)
+    for ``rows`` rows of ``tokens`` tokens, counted by ``torch.utils.flop_counter``."""
+    head, cfg = model.diffusion_head, model.cfg
+    z_all = torch.randn(rows, cfg.seq_len, cfg.width)
+    cond = head.prepare(z_all[:, :tokens], z_all)
+    x_t = torch.randn(rows, tokens, cfg.token_dim)
+    flops = []
+    for fn in (lambda: head.denoise(x_t, torch.zeros(1, 1, dtype=torch.long), cond), lambda: head.keys_values(z_all)):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops.append(counter.get_total_flops())
+    return flops[0], flops[1]
+
+
+def cached_step_weight_bytes(model: DeMAR) -> int:
+    """Bytes of the Transformer head's weights that every cached diffusion step reads: all but
+    the key/value projections and the condition embedding (both used once per call)."""
+    head = model.diffusion_head
+    skipped = {id(p) for block in head.blocks for p in block.attn.kv.parameters()}
+    skipped |= {id(p) for p in head.cond_embed.parameters()}
+    return sum(p.numel() * p.element_size() for p in head.parameters() if id(p) not in skipped)
 
 
 @torch.no_grad()
@@ -192,12 +216,21 @@ def run(sizes: list[str]) -> str:
         )
         lines.append("| row | run | s / image | vs MAR |")
         lines.append("|---|---|---|---|")
+        compile_notes = []
         for compile in (False, True) if setup["compiled"] else (False,):
             run_kind = "compiled" if compile else "eager"
-            times = time_sampling(size, ("mar", "demar"), s.model_copy(update={"compile": compile}))
+            times, warmup_s = time_sampling(size, ("mar", "demar"), s.model_copy(update={"compile": compile}))
             for row, t in times.items():
                 lines.append(f"| {row} | {run_kind} | {t:.3f} | {t / times['mar']:.2f}x |")
                 print(f"[{size}] sample {row} {run_kind}: {t:.3f} s/image", flush=True)
+            if compile:
+                compile_notes = [f"{row} {sec:.1f} s" for row, sec in warmup_s.items()]
+        if compile_notes:
+            lines.append(
+                "\nThe compiled runs' untimed first run (compilation plus one run of the batch): "
+                + ", ".join(compile_notes)
+                + "."
+            )
 
         repeats = setup["cache_repeats"]
         lines.append(
@@ -222,6 +255,21 @@ def run(sizes: list[str]) -> str:
                     )
                     label = f"[{size}] cache {images}x{m} cfg {cfg:g} {run_kind}"
                     print(f"{label}: {cached:.3f} / {uncached:.3f} s", flush=True)
+
+        weights_mb = cached_step_weight_bytes(model) / 1e6
+        lines.append(
+            "\nWhat one diffusion step of the head costs (FLOPs counted by torch.utils.flop_counter; "
+            f"every cached step also reads the head's {weights_mb:.1f} MB of weights outside the "
+            "keys/values). The FLOP bound on the speed-up is (step + keys/values) / step:\n"
+        )
+        lines.append("| images | tokens per image | cfg | cached step MFLOP | keys/values MFLOP | FLOP bound |")
+        lines.append("|---|---|---|---|---|---|")
+        for images, m in setup["cache"]:
+            for cfg in (1.0, 2.0):
+                step, kv = step_costs(model, images * (2 if cfg != 1.0 else 1), m)
+                lines.append(
+                    f"| {images} | {m} | {cfg:g} | {step / 1e6:.1f} | {kv / 1e6:.1f} | {(step + kv) / step:.1f}x |"
+                )
         lines.append("")
     return "\n".join(lines)
 

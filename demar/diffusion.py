@@ -673,7 +673,7 @@ class GaussianDiffusion:
                 ``cfg != 1``).
             compile: run each step through ``torch.compile`` (default False). The draws
                 stay outside the compiled code, so the random stream is the same; the
-                first calls pay the compilation (seconds to a minute on a CPU).
+                first calls pay the compilation (see ``SampleSettings.compile``).
 
         Returns:
             x_0 ``[B, ..., d]``.

@@ -47,10 +47,11 @@ class SampleSettings(StrictConfig):
             step instead of at every diffusion step (default True).
         compile: run each diffusion step of the heads through ``torch.compile`` (default
             False). Same draws, equal results up to float rounding. The first two
-            autoregressive steps pay the compilation (tens of seconds on a CPU; one graph
-            for their shape, then one for any number of tokens), so it pays off for long
-            runs of the small heads, whose steps are dominated by per-op cost. On the
-            CPU, torch.compile needs a C++ compiler.
+            autoregressive steps pay the compilation (about 20 s at the tiny size on a CPU,
+            seconds with a warm on-disk compile cache; one graph for their shape, then one
+            for any number of tokens), so it pays off for long runs of the small heads,
+            whose steps are dominated by per-op cost. On the CPU, torch.compile needs a
+            C++ compiler.
     """
 
     num_iter: int = Field(64, ge=1)
