@@ -29,7 +29,9 @@ from bench_model import machine, write_section
 from demar.latents import LatentsConfig, extract_latents
 from demar.model import ABLATION_ROWS
 from demar.tokenizer import Tokenizer, TokenizerConfig
-from demar.train import RowConfig, TrainConfig, row_model_config, train
+from demar.params import RowConfig, row_model_config
+from demar.train import train
+from demar.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,14 +32,14 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from tqdm.auto import tqdm
 
 from demar.config import StrictConfig
-from demar.io import torch_save
+from demar.images import to_uint8, to_unit
+from demar.io import torch_load, torch_save
 
 __all__ = [
     "EXTRACTOR_NAME",
     "ClassifierConfig",
     "ClassifierFeatureExtractor",
     "ShapeClassifier",
-    "as_uint8",
     "class_accuracy",
     "dataset_to_tensors",
     "load_classifier",
@@ -91,20 +91,6 @@ class ClassifierConfig(StrictConfig):
     seed: int = 0
 
 
-def as_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images as uint8 ``[..., 3, H, W]`` in [0, 255].
-
-    Args:
-        images: uint8 images (returned unchanged) or float images in [-1, 1]
-            (the suite's convention for pixels), any leading shape.
-    """
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise TypeError(f"images must be uint8 or float in [-1, 1], got {images.dtype}")
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def dataset_to_tensors(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack a labelled image data set into memory.
 
@@ -120,7 +106,7 @@ def dataset_to_tensors(dataset: Dataset, limit: int | None = None) -> tuple[torc
     images, labels = [], []
     for i in range(n):
         item = dataset[i]
-        images.append(as_uint8(torch.as_tensor(item[0])))
+        images.append(to_uint8(torch.as_tensor(item[0])))
         labels.append(int(item[1]))
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
@@ -157,7 +143,7 @@ class ShapeClassifier(nn.Module):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, H, W]`` (or float in [-1, 1]) -> float in [-1, 1] at ``cfg.resolution``."""
-        x = images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
+        x = to_unit(images) if images.dtype == torch.uint8 else images.float()
         r = self.cfg.resolution
         if x.shape[-2:] != (r, r):
             x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
@@ -206,7 +192,7 @@ def load_classifier(path: str | os.PathLike[str] | None, map_location: str | tor
             "(`dvc repro train_classifier`, written to classifier.weights_path) and name the file "
             "in params.yaml under evaluate.weights_path."
         )
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = torch_load(path, map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     model = ShapeClassifier(ClassifierConfig.model_validate(ckpt["config"]))
@@ -290,7 +276,7 @@ def predict(classifier: ShapeClassifier, images: torch.Tensor | Dataset, *, batc
         else:
             items = [images[i] for i in range(start, min(n, start + batch_size))]
             batch = torch.stack([torch.as_tensor(it[0] if isinstance(it, (tuple, list)) else it) for it in items])
-        logits = classifier(classifier.prepare(as_uint8(batch).to(device)))  # [b, num_classes]
+        logits = classifier(classifier.prepare(to_uint8(batch).to(device)))  # [b, num_classes]
         out.append(logits.argmax(dim=1).cpu())
     classifier.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)

@@ -86,9 +86,53 @@ def _add_preset(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
-    from demar.studies import configure_parser
+    from demar.studies.cli import configure_parser
 
     configure_parser(sub.add_parser("study", help="Optuna studies: run or report one (studies/<name>.yaml)"))
+
+
+def _cmd_tracking_sync(args: argparse.Namespace) -> int:
+    from demar.tracking import unsynced_dir
+    from demar.tracking_sync import sync_unsynced
+
+    results = sync_unsynced(args.tracking_uri, args.dir)
+    if not results:
+        print(f"nothing to sync in {args.dir or unsynced_dir()}")
+    for r in results:
+        if r.error:
+            print(f"run {r.run_id}: not synced, kept for a later try ({r.error})")
+        else:
+            print(f"run {r.run_id}: sent {r.metrics} metric values and {r.calls} other calls")
+    return 1 if any(r.error for r in results) else 0
+
+
+def _add_tracking(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tracking", help="MLflow tracking: replay what runs logged while the store was down")
+    verbs = p.add_subparsers(dest="tracking_command", required=True, metavar="COMMAND")
+    s = verbs.add_parser("sync", help="send the spooled calls of runs that lost their tracking store")
+    s.add_argument("--tracking-uri", help="the store to replay into (default: the one each run logged to)")
+    s.add_argument("--dir", help="the spool (default: $DEMAR_UNSYNCED_DIR or mlartifacts/unsynced)")
+    s.set_defaults(func=_cmd_tracking_sync)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from demar.verify import format_report, verify
+
+    checks = verify(args.root, args.baseline)
+    print(format_report(checks, verbose=args.verbose))
+    failed = [c.stage for c in checks if c.verdict not in ("identical", "within tolerance")]
+    print(f"{len(checks) - len(failed)} of {len(checks)} stages reproduce {args.baseline}" + (
+        f"; not: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="after `dvc repro`: compare every stage's outputs and metrics with a commit")
+    p.add_argument("--baseline", default="HEAD", help="the commit whose dvc.lock and metrics are the reference "
+                   "(default: %(default)s)")
+    p.add_argument("--root", default=".", help="the repository (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every metric, not only the failing ones")
+    p.set_defaults(func=_cmd_verify)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(sub)
     _add_preset(sub)
     _add_study(sub)
+    _add_tracking(sub)
+    _add_verify(sub)
     return parser
 
 

@@ -4,21 +4,26 @@ Every component of the suite reads its hyperparameters from one section of
 ``params.yaml`` into a frozen pydantic model derived from :class:`StrictConfig`.
 Unknown keys, wrong types and out-of-range values are errors that name the file
 and the dotted key at fault, raised before any work starts.
+
+:func:`validate` (the road of every params file) parses strictly, as JSON would
+be: no string becomes a number or a boolean and no boolean a number, while an
+integer is a valid float and a list a valid tuple (YAML has no tuples).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import to_jsonable_python
 
 __all__ = [
     "ConfigError",
     "StrictConfig",
-    "load_section",
     "load_yaml",
     "validate",
 ]
@@ -31,7 +36,7 @@ class ConfigError(ValueError):
 
 
 class StrictConfig(BaseModel):
-    """Base of every config object: frozen, no unknown keys, no silent coercion of strings."""
+    """Base of every config object: frozen, no unknown keys; :func:`validate` parses it strictly."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False, validate_default=True)
 
@@ -48,7 +53,11 @@ def _format_errors(err: ValidationError, source: str, prefix: str) -> str:
 
 
 def validate(cls: type[C], data: Any, *, source: str = "<params>", prefix: str = "") -> C:
-    """Build ``cls`` from ``data`` or raise :class:`ConfigError`.
+    """Build ``cls`` from ``data`` strictly or raise :class:`ConfigError`.
+
+    ``data`` is validated as JSON with pydantic's strict mode: ``'3'`` is not an
+    integer, ``'yes'`` not a boolean, ``true`` not an integer; ``3`` is a valid
+    float and ``[1, 2]`` a valid tuple.
 
     Args:
         cls: the config model to build.
@@ -58,8 +67,14 @@ def validate(cls: type[C], data: Any, *, source: str = "<params>", prefix: str =
     """
     if data is None:
         data = {}
+    if isinstance(data, cls):
+        return data
     try:
-        return cls.model_validate(data)
+        text = json.dumps(to_jsonable_python(data))
+    except (TypeError, ValueError) as err:  # a value JSON cannot hold (YAML dates, sets, objects)
+        raise ConfigError(f"invalid configuration in {source}:\n  {prefix or '<top>'}: {err}") from None
+    try:
+        return cls.model_validate_json(text, strict=True)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source, prefix)) from None
 
@@ -78,19 +93,3 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at its top level, not {type(data).__name__}")
     return data
-
-
-def load_section(path: str | os.PathLike[str], key: str, cls: type[C]) -> C:
-    """Validate the section ``key`` (dotted for nested sections) of a YAML file into ``cls``.
-
-    Args:
-        path: the YAML file, usually ``params.yaml``.
-        key: the section's dotted key, e.g. ``"tokenizer"`` or ``"rows.demar"``.
-        cls: the config model of that section.
-    """
-    data: Any = load_yaml(path)
-    for part in key.split("."):
-        if not isinstance(data, dict) or part not in data:
-            raise ConfigError(f"{path}: missing section {key!r} (no key {part!r})")
-        data = data[part]
-    return validate(cls, data, source=str(path), prefix=key)

@@ -40,6 +40,7 @@ __all__ = [
     "ModelFn",
     "cosine_betas",
     "discretized_gaussian_log_likelihood",
+    "is_guided",
     "linear_betas",
     "normal_kl",
     "randn",
@@ -49,6 +50,11 @@ __all__ = [
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``model_fn(x_t [..., d], t [...]) -> [..., 2d]`` (``[..., d]`` without learn_sigma);
 ``t`` holds the ORIGINAL (un-respaced) timesteps."""
+
+
+def is_guided(cfg: float) -> bool:
+    """Whether guidance scale ``cfg`` needs the doubled ``[conditional; null context]`` batch: any scale but 1."""
+    return cfg != 1.0
 
 
 class DiffusionConfig(StrictConfig):
@@ -678,7 +684,7 @@ class GaussianDiffusion:
         Returns:
             x_0 ``[B, ..., d]``.
         """
-        guided = cfg != 1.0 if guided is None else guided
+        guided = is_guided(cfg) if guided is None else guided
         noisy = temperature != 0 and (self.sampler == "ddpm" or self.ddim_eta > 0)
         step = self.reverse_step
         if compile:

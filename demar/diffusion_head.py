@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from demar.diffusion import DiffusionConfig, GaussianDiffusion, randn
+from demar.diffusion import DiffusionConfig, GaussianDiffusion, is_guided, randn
 
 __all__ = ["DiffusionHead"]
 
@@ -154,7 +154,7 @@ class DiffusionHead(nn.Module, ABC):
         Returns:
             ``[B, M, d]`` sampled tokens.
         """
-        guided = cfg != 1.0
+        guided = is_guided(cfg)
         rows, m, _ = z.shape
         if guided and rows % 2:
             raise ValueError(f"cfg != 1 needs [conditional; unconditional] halves, got {rows} rows")

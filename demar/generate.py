@@ -30,9 +30,13 @@ nothing was timed before, that batch is first run once as a discarded warm-up.
 Skipped (resumed) batches are never timed; batches timed by an earlier process
 that was killed count, as recorded in the manifest.
 
-``GeneratedImages(out_dir)`` reads the images back in manifest order as
-``(uint8 [3, H, W], label)`` pairs: pass it (not the folder, which also holds
-``grid.png``) to :func:`demar.metrics.compute_metrics`.
+A folder is resumed only when its recorded identity matches: the config, the
+weights, and :func:`demar.identity.code_digest` of the code that turns them into
+pixels (:data:`IMAGE_CODE`). Otherwise every image is drawn again: with
+``on_mismatch="restart"`` the old files are removed first (one line says why), so
+old and new images are never mixed.
+
+:class:`demar.images.GeneratedImages` reads the images back.
 """
 
 from __future__ import annotations
@@ -43,9 +47,8 @@ import io
 import math
 import os
 import re
-import shutil
+import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -55,15 +58,16 @@ import torch
 from PIL import Image
 from pydantic import Field
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from demar.config import StrictConfig
-from demar.io import atomic_write_bytes, read_json, write_json
+from demar.identity import code_digest
+from demar.images import SAMPLES_FORMAT, SAMPLES_MANIFEST, GeneratedImages, make_grid, to_uint8
+from demar.io import atomic_write_bytes, file_sha256, read_json, remove_stale_temporaries, write_json
+from demar.model import decode_tokens
+from demar.rng import derive_seed
 from demar.sampler import SampleSettings
-from demar.tokenizer import file_sha256
 from demar.tracking import flatten
-from demar.train import derive_seed
 
 if TYPE_CHECKING:
     from demar.model import DeMAR
@@ -71,30 +75,26 @@ if TYPE_CHECKING:
     from demar.tracking import RunLogger
 
 __all__ = [
+    "IMAGE_CODE",
     "GenerateConfig",
     "GenerateMismatchError",
     "GenerateResult",
-    "GeneratedImages",
     "SampleStageConfig",
-    "TimeFidConfig",
     "batch_seed",
     "class_labels",
     "generate",
-    "make_grid",
-    "sweep_steps",
-    "to_uint8",
+    "image_code_digest",
     "weights_sha256",
 ]
 
-MANIFEST = "manifest.json"
+MANIFEST = SAMPLES_MANIFEST
 GRID = "grid.png"
 TIMING = "timing.json"
-MANIFEST_FORMAT = "demar-samples"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the key records the code digest
+# The modules whose code determines the images, besides the config and the weights.
+IMAGE_CODE = ("demar.generate", "demar.model", "demar.tokenizer")
 # Files this module writes and may remove when it restarts a folder whose settings changed.
 _OWNED = re.compile(r"^(\d+\.png|shard_\d+\.npy|grid\.png|timing\.json|manifest\.json)$")
-# Temporary files of demar.io's atomic writes to those names, left behind by a killed run.
-_STALE_TMP = re.compile(r"^\.(\d+\.png|shard_\d+\.npy|grid\.png|timing\.json|manifest\.json)\..*\.tmp$")
 
 
 class GenerateConfig(StrictConfig):
@@ -130,65 +130,34 @@ class GenerateConfig(StrictConfig):
 
 
 class SampleStageConfig(GenerateConfig):
-    """The ``sample:`` section of ``params.yaml``: a :class:`GenerateConfig` plus the untrained
-    set and per-size guidance.
+    """The ``sample:`` section of ``params.yaml``: a :class:`GenerateConfig` plus the untrained set.
 
-    The ``sample`` stage takes the seed from the row (``rows.<row>.seed``), so the
-    section leaves ``seed`` out.
+    The ``sample`` stage takes the seed from the row (``rows.<row>.seed``), and the
+    guidance from the row when it sets one (``rows.<row>.cfg``, see
+    :meth:`demar.params.Params.sample_config`).
 
     Attributes:
         untrained_num_images: images drawn from a freshly initialised model of the same
             config (``samples/<row>_untrained``), the floor that evaluation compares
-            against; a multiple of the number of classes (default 10,000).
-        cfg_by_size: guidance scale per model size (``rows.<row>.size``), replacing
-            ``sampler.cfg`` for rows of that size, e.g. MAR's ``{B: 2.9, L: 3.0, H: 3.2}``
-            (default ``{}``: ``sampler.cfg`` for every size).
+            against; a multiple of the number of classes.
     """
 
     untrained_num_images: int = Field(10_000, ge=1)
-    cfg_by_size: dict[str, float] = Field(default_factory=dict)
 
-    def for_run(self, seed: int, num_images: int | None = None, *, size: str | None = None) -> GenerateConfig:
+    def for_run(self, seed: int, num_images: int | None = None) -> GenerateConfig:
         """The :class:`GenerateConfig` of one run of this section.
 
         Args:
             seed: the run's seed.
             num_images: override of ``num_images`` (default None: keep it).
-            size: the row's model size, looked up in ``cfg_by_size`` (default None: ``sampler.cfg``).
         """
-        data = self.model_dump(exclude={"untrained_num_images", "cfg_by_size"})
+        data = self.model_dump(exclude={"untrained_num_images"})
         data.update(seed=seed, num_images=num_images or self.num_images)
-        if size is not None and size in self.cfg_by_size:
-            data["sampler"]["cfg"] = self.cfg_by_size[size]
         return GenerateConfig.model_validate(data)
 
 
-class TimeFidConfig(StrictConfig):
-    """The ``time_fid:`` section: the sampling settings of Figure 4a's time-vs-FID curves.
-
-    Every pair of ``ar_steps`` x ``diffusion_steps`` is one point; the other sampler
-    knobs (guidance, temperature, ...) are those of ``sample.sampler``.
-
-    Attributes:
-        ar_steps: autoregressive step counts K (default ``(16, 32, 64, 128, 256)``).
-        diffusion_steps: respaced diffusion step counts (default ``(100,)``, MAR's).
-        num_images: images per point, a multiple of the number of classes (default 50,000).
-        batch_size: images per batch; None takes ``sample.batch_size`` (default None).
-        families_only: only rows of a Figure 4 family (ablations ``mar`` and ``demar``)
-            are swept; the others get an empty list of points (default True).
-        keep_images: keep each point's images instead of deleting them once scored (default False).
-    """
-
-    ar_steps: tuple[int, ...] = Field((16, 32, 64, 128, 256), min_length=1)
-    diffusion_steps: tuple[int, ...] = Field((100,), min_length=1)
-    num_images: int = Field(50_000, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    families_only: bool = True
-    keep_images: bool = False
-
-
 class GenerateMismatchError(RuntimeError):
-    """The output folder holds images generated with other settings or weights."""
+    """The output folder holds images generated with other settings, weights or code."""
 
 
 @dataclass
@@ -243,23 +212,13 @@ def class_labels(num_images: int, num_classes: int) -> torch.Tensor:
 
 
 def batch_seed(seed: int, batch: int) -> int:
-    """The seed of batch ``batch``'s generator: :func:`demar.train.derive_seed` of ``(seed, "generate", batch)``.
+    """The seed of batch ``batch``'s generator: :func:`demar.rng.derive_seed` of ``(seed, "generate", batch)``.
 
     Args:
         seed: the run's base seed.
         batch: the batch index.
     """
     return derive_seed(seed, "generate", batch)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1] ``[B, 3, H, W]`` -> uint8 ``[B, H, W, 3]`` (clipped, rounded).
-
-    Args:
-        images: decoded images (any float dtype, any device).
-    """
-    x = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # [B, 3, H, W]
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # [B, H, W, 3]
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -290,6 +249,11 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def image_code_digest() -> str:
+    """:func:`demar.identity.code_digest` of :data:`IMAGE_CODE`: the code part of a folder's identity."""
+    return code_digest(*IMAGE_CODE)
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
@@ -299,96 +263,6 @@ def _device_name(device: torch.device) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# ----------------------------------------------------------------------------- reading back
-
-
-class GeneratedImages(Dataset):
-    """The images of a :func:`generate` folder, in manifest order, as ``(uint8 [3, H, W], label)``.
-
-    Works for both formats; :func:`demar.metrics.compute_metrics` takes it directly
-    (it uses the first element of each item).
-
-    Args:
-        out_dir: the folder holding ``manifest.json``.
-        require_complete: refuse a run that has not finished, whose images are a
-            class-unbalanced prefix (default True).
-
-    Attributes:
-        manifest: the parsed ``manifest.json`` (settings, seed, hashes, ...).
-        labels: the label of every image, in order.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike[str], require_complete: bool = True) -> None:
-        self.root = Path(out_dir)
-        manifest = read_json(self.root / MANIFEST)
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{self.root / MANIFEST} is not a {MANIFEST_FORMAT!r} manifest")
-        if require_complete and not manifest.get("complete"):
-            raise ValueError(
-                f"{self.root} holds an unfinished run ({len(manifest['images'])} of {manifest['num_images']} "
-                "images): run generate again to finish it"
-            )
-        self.manifest = manifest
-        self.entries: list[dict[str, Any]] = manifest["images"]
-        self.labels = [int(e["label"]) for e in self.entries]
-        self._shards: dict[str, np.ndarray] = {}
-        missing = sorted({e["file"] for e in self.entries if not (self.root / e["file"]).is_file()})
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} file(s) listed in {self.root / MANIFEST} are missing, e.g. {missing[0]}"
-            )
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def _array(self, i: int) -> np.ndarray:
-        entry = self.entries[i]
-        path = self.root / entry["file"]
-        if "index" in entry:  # shards: memory-map each file once
-            if entry["file"] not in self._shards:
-                self._shards[entry["file"]] = np.load(path, mmap_mode="r", allow_pickle=False)
-            return np.asarray(self._shards[entry["file"]][entry["index"]])  # [H, W, 3]
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))  # [H, W, 3]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.array(self._array(i), copy=True)).permute(2, 0, 1)  # [3, H, W]
-        return image, self.labels[i]
-
-    def digest(self) -> str:
-        """sha256 over the manifest's image list (files, labels) and the files' sizes."""
-        h = hashlib.sha256()
-        for e in self.entries:
-            h.update(
-                f"{e['file']}|{e.get('index', '')}|{e['label']}|{(self.root / e['file']).stat().st_size}\n".encode()
-            )
-        return h.hexdigest()
-
-
-def make_grid(images: GeneratedImages, num_classes: int, grid_size: int, pad: int = 2) -> Image.Image:
-    """A preview: one column per class (up to ``grid_size`` classes, evenly spaced), one row per draw.
-
-    Args:
-        images: the generated images (labels ``i mod num_classes``).
-        num_classes: the number of classes C.
-        grid_size: at most this many columns (classes) and rows (images per class).
-        pad: white pixels between cells (default 2).
-    """
-    cols = min(grid_size, num_classes)
-    classes = sorted({round(j * num_classes / cols) for j in range(cols)})
-    rows = min(grid_size, len(images) // num_classes)
-    first, _ = images[0]
-    _, h, w = first.shape
-    canvas = np.full((rows * (h + pad) + pad, len(classes) * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for r in range(rows):
-        for j, c in enumerate(classes):
-            image, label = images[r * num_classes + c]
-            assert label == c, f"image {r * num_classes + c} has label {label}, expected {c}"
-            y, x = pad + r * (h + pad), pad + j * (w + pad)
-            canvas[y : y + h, x : x + w] = image.permute(1, 2, 0).numpy()
-    return Image.fromarray(canvas)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -408,20 +282,19 @@ class _Folder:
             if old.get("key") == key:
                 self.images = {int(e["image"]): e for e in old.get("images", [])}
                 self.batches = {int(b["batch"]): b for b in old.get("batches", [])}
-            elif on_mismatch == "restart":
-                self._clear()
             else:
                 new_flat, old_flat = flatten(key), flatten(old.get("key") or {})
                 diff = sorted(k for k in set(new_flat) | set(old_flat) if new_flat.get(k) != old_flat.get(k))
-                raise GenerateMismatchError(
-                    f"{out_dir} holds images generated with other settings or weights (differing: "
-                    f"{', '.join(diff) or 'manifest format'}); use another folder, delete it, "
-                    "or pass on_mismatch='restart'"
-                )
+                diff = ", ".join(diff) or "manifest format"
+                if on_mismatch != "restart":
+                    raise GenerateMismatchError(
+                        f"{out_dir} holds images generated with other settings, weights or code (differing: "
+                        f"{diff}); use another folder, delete it, or pass on_mismatch='restart'"
+                    )
+                print(f"{out_dir}: its images come from other {diff}; drawing them all afresh", file=sys.stderr)
+                self._clear()
         self.header = header
-        for p in out_dir.iterdir():
-            if p.is_file() and _STALE_TMP.match(p.name):
-                p.unlink()
+        remove_stale_temporaries(out_dir)
 
     def _clear(self) -> None:
         for p in self.out_dir.iterdir():
@@ -474,14 +347,6 @@ def _timing(batches: list[dict[str, Any]], cfg: GenerateConfig, device: torch.de
     }
 
 
-def _decode_tokens(model: DeMAR, tokenizer: Tokenizer, tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens ``[B, N, d]`` -> images ``[B, 3, H, W]`` in about [-1, 1] (method.md, sampling step 5)."""
-    from demar.model import unpatchify
-
-    latents = unpatchify(tokens.float(), model.cfg.patch_size, model.cfg.latent_channels)  # [B, C, h, w]
-    return tokenizer.decode(latents)  # [B, 3, H, W]
-
-
 def generate(
     model: DeMAR,
     tokenizer: Tokenizer,
@@ -529,16 +394,20 @@ def generate(
     model.eval()
     tokenizer.eval()
 
+    # The run's identity: a folder is resumed only when all of it matches.
     key = {
         "config": cfg.model_dump(mode="json", exclude={"grid_size"}),
         "num_classes": num_classes,
         "model_weights_sha256": weights_sha256(model),
         "tokenizer_weights_sha256": weights_sha256(tokenizer),
+        "model_file_sha256": file_sha256(model_file) if model_file else None,
+        "tokenizer_file_sha256": file_sha256(tokenizer_file) if tokenizer_file else None,
         "tokenizer_scale": float(tokenizer.scale),
         "device_type": device.type,
+        "code": image_code_digest(),
     }
     header = {
-        "format": MANIFEST_FORMAT,
+        "format": SAMPLES_FORMAT,
         "version": MANIFEST_VERSION,
         "image_format": cfg.image_format,
         "num_images": cfg.num_images,
@@ -549,13 +418,13 @@ def generate(
         "config": cfg.model_dump(mode="json"),
         "model": {
             "file": str(model_file) if model_file else None,
-            "file_sha256": file_sha256(model_file) if model_file else None,
+            "file_sha256": key["model_file_sha256"],
             "weights_sha256": key["model_weights_sha256"],
             "use_ema": cfg.use_ema,
         },
         "tokenizer": {
             "file": str(tokenizer_file) if tokenizer_file else None,
-            "file_sha256": file_sha256(tokenizer_file) if tokenizer_file else None,
+            "file_sha256": key["tokenizer_file_sha256"],
             "weights_sha256": key["tokenizer_weights_sha256"],
             "scale": float(tokenizer.scale),
         },
@@ -579,10 +448,11 @@ def generate(
         _sync(device)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            images = _decode_tokens(model, tokenizer, tokens)  # [B, 3, H, W]
+            images = decode_tokens(tokens, tokenizer, model.cfg)  # [B, 3, H, W]
         _sync(device)
         t2 = time.perf_counter()
-        return to_uint8(images), t1 - t0, t2 - t1
+        arrays = to_uint8(images).permute(0, 2, 3, 1).contiguous().cpu().numpy()  # [B, H, W, 3]
+        return arrays, t1 - t0, t2 - t1
 
     # A single batch to compute, and nothing timed so far: run it once as a discarded warm-up,
     # so that the run still has a timed batch. Otherwise this process's first batch is the warm-up.
@@ -636,87 +506,3 @@ def generate(
     atomic_write_bytes(out_dir / GRID, buf.getvalue())
     folder.save(complete=True)
     return GenerateResult(out_dir, folder.path, out_dir / GRID, timing, computed, skipped, labels.tolist())
-
-
-# ----------------------------------------------------------------------------- Figure 4a
-
-
-def sweep_steps(
-    model: DeMAR,
-    tokenizer: Tokenizer,
-    base: GenerateConfig,
-    sweep: TimeFidConfig,
-    scratch: str | os.PathLike[str],
-    *,
-    num_classes: int,
-    score: Callable[[GeneratedImages], float],
-    score_key: str = "",
-    progress: bool = True,
-    run: RunLogger | None = None,
-) -> list[dict[str, Any]]:
-    """Time and score the model at every ``(ar_steps, diffusion_steps)`` pair (Figure 4a).
-
-    Each point is a :func:`generate` run into ``scratch/ar<K>_diff<T>/`` with ``base``'s
-    settings but ``num_iter = K``, ``diffusion_steps = T`` and ``sweep``'s image count;
-    ``score`` gives its FID, ``timing.json`` its seconds per image. A finished point is
-    stored as ``scratch/ar<K>_diff<T>.json`` and its images are deleted (unless
-    ``sweep.keep_images``); a later call with the same settings, weights and
-    ``score_key`` reuses it, and an unfinished point resumes.
-
-    Args:
-        model: the class-conditional model (EMA weights loaded by the caller).
-        tokenizer: the tokenizer bundle.
-        base: seed, batch size, format and the sampler knobs not swept.
-        sweep: the step counts, image count and batch size of the sweep.
-        scratch: folder for the points' images and records (created).
-        num_classes: the number of classes C.
-        score: maps a point's images to its FID, e.g. :func:`demar.metrics.compute_metrics`'s ``fid``.
-        score_key: identity of ``score`` (extractor weights, reference), stored with each
-            point so that a changed scorer recomputes it (default ``""``).
-        progress: show tqdm bars (default True).
-        run: an MLflow run; each point is logged at ``step = K`` (default None).
-
-    Returns:
-        One ``{"ar_steps", "diffusion_steps", "sec_per_image", "fid"}`` per point, in
-        order of ``diffusion_steps`` then ``ar_steps``.
-    """
-    scratch = Path(scratch)
-    weights = {"model_weights_sha256": weights_sha256(model), "tokenizer_weights_sha256": weights_sha256(tokenizer)}
-    points = []
-    for t in sweep.diffusion_steps:
-        for k in sweep.ar_steps:
-            name = f"ar{k:04d}_diff{t:04d}"
-            data = base.model_dump()
-            data.update(
-                num_images=sweep.num_images,
-                batch_size=sweep.batch_size or base.batch_size,
-                sampler={**data["sampler"], "num_iter": k, "diffusion_steps": t},
-            )
-            cfg = GenerateConfig.model_validate(data)
-            key = {"config": cfg.model_dump(mode="json"), **weights, "num_classes": num_classes, "score_key": score_key}
-            record_path = scratch / f"{name}.json"
-            if record_path.is_file():
-                record = read_json(record_path)
-                if record.get("key") == key:
-                    points.append(record["point"])
-                    continue
-            folder = scratch / name
-            result = generate(
-                model, tokenizer, cfg, folder, num_classes=num_classes, progress=progress, on_mismatch="restart"
-            )
-            point = {
-                "ar_steps": k,
-                "diffusion_steps": t,
-                "sec_per_image": result.sec_per_image,
-                "fid": float(score(GeneratedImages(folder))),
-            }
-            write_json(record_path, {"key": key, "point": point, "timing": result.timing})
-            if not sweep.keep_images:
-                shutil.rmtree(folder)
-            if run is not None:
-                run.log_metrics(
-                    {f"time_fid/diff{t}/fid": point["fid"], f"time_fid/diff{t}/sec_per_image": point["sec_per_image"]},
-                    step=k,
-                )
-            points.append(point)
-    return points

@@ -8,12 +8,13 @@ and draws a fresh sample from it (mar-reference.md, "Latent cache"). Here:
   ``{"moments": [n, 2, 2C, h, w], "labels": [n], "indices": [n]}``; index 0 of the
   second axis is the image, 1 its flip; mean channels first, then log-variance)
   and ``manifest.json`` (counts, shapes, dtype, sha256 per shard, the tokenizer's
-  latent scale and file hash, the source data set). Every file is written
-  atomically and the manifest is rewritten after each shard, so a killed run
-  leaves only whole shards; a rerun keeps the finished shards whose hash checks
-  and computes the rest. A manifest from a different tokenizer, data set or
-  setting is discarded with its shards. Batches never straddle shards, so a
-  resumed run writes the same bytes as an uninterrupted one.
+  latent scale and file hash, the source data set, the digest of the extraction
+  code). Every file is written atomically and the manifest is rewritten after
+  each shard, so a killed run leaves only whole shards; a rerun removes the
+  temporary files of killed writes, keeps the finished shards whose hash checks
+  and computes the rest. A manifest from a different tokenizer, data set, setting
+  or code is discarded with its shards, saying why in one line. Batches never
+  straddle shards, so a resumed run writes the same bytes as an uninterrupted one.
 - :class:`LatentDataset` reads them: ``ds[i] -> (moments [2, 2C, h, w], label)``,
   after checking every shard's hash once when it is opened.
 - :func:`draw_latents` turns a batch of moments into scaled training tokens.
@@ -22,12 +23,10 @@ and draws a fresh sample from it (mar-reference.md, "Latent cache"). Here:
 from __future__ import annotations
 
 import bisect
-import hashlib
-import io
 import os
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from demar.config import StrictConfig
-from demar.io import atomic_write_bytes, file_sha256, read_json, write_json
+from demar.identity import code_digest
+from demar.io import file_sha256, read_json, remove_stale_temporaries, torch_load, write_json
+from demar.shards import ShardsWritten, intact_shards, save_shard, shard_name
 from demar.tokenizer import LOGVAR_MAX, LOGVAR_MIN, Tokenizer
 
 __all__ = [
@@ -47,11 +48,14 @@ __all__ = [
     "LatentsConfig",
     "draw_latents",
     "extract_latents",
+    "extraction_code_digest",
     "shard_name",
 ]
 
 FORMAT = "demar-latents"
 VERSION = 1
+# The modules whose code determines the cached moments (with all they import).
+CODE_MODULES = ("demar.latents", "demar.data")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -73,36 +77,11 @@ class LatentsConfig(StrictConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-@dataclass
-class ExtractResult:
-    """What :func:`extract_latents` returns.
-
-    Attributes:
-        manifest: the final manifest (as written).
-        reused_shards: shards of an earlier run kept as they were.
-        written_shards: shards computed by this call.
-        written_items: images encoded by this call.
-        wall_s: seconds this call took.
-    """
-
-    manifest: dict[str, Any]
-    reused_shards: int
-    written_shards: int
-    written_items: int
-    wall_s: float
+ExtractResult = ShardsWritten  # what extract_latents returns
 
 
 class LatentError(ValueError):
     """A latent cache is incomplete or does not match its manifest; the message names the file."""
-
-
-def shard_name(index: int) -> str:
-    """File name of shard ``index``: ``shard_00000.pt``."""
-    return f"shard_{index:05d}.pt"
-
-
-def _sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _shard_batches(start: int, stop: int, batch_size: int) -> Iterator[list[int]]:
@@ -110,14 +89,13 @@ def _shard_batches(start: int, stop: int, batch_size: int) -> Iterator[list[int]
         yield list(range(b, min(stop, b + batch_size)))
 
 
-def _valid_shards(root: Path, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """The manifest's shard entries whose file exists with the recorded hash."""
-    done = {}
-    for entry in manifest.get("shards", []):
-        path = root / entry["file"]
-        if path.is_file() and file_sha256(path) == entry["sha256"]:
-            done[int(entry["index"])] = entry
-    return done
+def extraction_code_digest() -> str:
+    """:func:`demar.identity.code_digest` of the code that determines the moments.
+
+    This module with the tokenizer and all they import, and the data package (how
+    images are read and resized), whatever wrapper the caller puts around a data set.
+    """
+    return code_digest(*CODE_MODULES)
 
 
 @torch.no_grad()
@@ -152,6 +130,8 @@ def extract_latents(
     t0 = time.perf_counter()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for path in remove_stale_temporaries(root):
+        tqdm.write(f"removed {path}, left by a killed write", file=sys.stderr)
     tokenizer.eval()
     device = next(tokenizer.parameters()).device
     num = len(dataset)
@@ -169,15 +149,17 @@ def extract_latents(
         "tokenizer_sha256": tokenizer_sha256,
         "num_classes": num_classes,
         "source": source or {},
+        "code": extraction_code_digest(),
     }
     manifest_path = root / "manifest.json"
     done: dict[int, dict[str, Any]] = {}
     if manifest_path.is_file():
         old = read_json(manifest_path)
-        if {k: old.get(k) for k in identity} == identity:
-            done = _valid_shards(root, old)
+        diffs = [k for k in identity if old.get(k) != identity[k]]
+        if not diffs:
+            done = intact_shards(root, old)
         else:
-            tqdm.write(f"{manifest_path}: written for another tokenizer, data set or setting; starting over")
+            tqdm.write(f"{manifest_path}: written with another {', '.join(diffs)}; starting over", file=sys.stderr)
     for stale in root.glob("shard_*.pt"):
         if not any(entry["file"] == stale.name for entry in done.values()):
             stale.unlink()
@@ -218,16 +200,12 @@ def extract_latents(
                 "labels": torch.cat(labels).contiguous(),
                 "indices": torch.arange(start, start + filled, dtype=torch.int64),
             }
-            buf = io.BytesIO()
-            torch.save(blob, buf)
-            data = buf.getvalue()
-            atomic_write_bytes(root / shard_name(shard), data)
             done[shard] = {
                 "index": shard,
                 "file": shard_name(shard),
                 "start": start,
                 "count": filled,
-                "sha256": _sha256_bytes(data),
+                "sha256": save_shard(blob, root / shard_name(shard)),
             }
             write_manifest(complete=False)
             parts, labels, filled = [], [], 0
@@ -284,7 +262,7 @@ class LatentDataset(Dataset):
     def _shard(self, s: int) -> dict[str, torch.Tensor]:
         if s not in self._shards:
             path = self.root / self._entries[s]["file"]
-            self._shards[s] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self._shards[s] = torch_load(path, mmap=True)
         return self._shards[s]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:

@@ -28,7 +28,7 @@ from demar.diffusion import DiffusionConfig
 from demar.diffusion_head import DiffusionHead
 from demar.embeddings import TimestepEmbedder, modulate
 
-__all__ = ["MLPHead", "MLPHeadConfig", "mlp_head_param_count"]
+__all__ = ["MLPHead", "MLPHeadConfig"]
 
 
 class MLPHeadConfig(StrictConfig):
@@ -39,14 +39,12 @@ class MLPHeadConfig(StrictConfig):
         width: hidden width w (MAR-B/L/H: 1024 / 1280 / 1536).
         diffusion_batch_mul: (t, eps) draws per conditional token in training (MAR: 4).
         frequency_embedding_size: sinusoidal timestep features (MAR: 256).
-        grad_checkpointing: recompute the residual blocks in the backward pass to save memory.
     """
 
     depth: int = Field(6, ge=1)
     width: int = Field(1024, ge=1)
     diffusion_batch_mul: int = Field(4, ge=1)
     frequency_embedding_size: int = Field(256, ge=2)
-    grad_checkpointing: bool = False
 
 
 class ResBlock(nn.Module):
@@ -109,6 +107,7 @@ class MLPHead(DiffusionHead):
     ) -> None:
         super().__init__(token_dim, cond_dim, diffusion or DiffusionConfig(), cfg.diffusion_batch_mul)
         self.cfg = cfg
+        self.grad_checkpointing = False  # recompute the blocks in the backward pass (train.grad_checkpointing)
         w = cfg.width
         self.time_embed = TimestepEmbedder(w, cfg.frequency_embedding_size)
         self.cond_embed = nn.Linear(cond_dim, w)
@@ -144,38 +143,8 @@ class MLPHead(DiffusionHead):
         x = self.input_proj(x_t)  # [B, M, w]
         y = self.time_embed(t) + cond  # [B, M, w] adaLN context
         for block in self.res_blocks:
-            if self.cfg.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, y, use_reentrant=False)
             else:
                 x = block(x, y)  # [B, M, w]
         return self.final_layer(x, y)  # [B, M, out_channels]
-
-
-def mlp_head_param_count(
-    depth: int,
-    width: int,
-    token_dim: int,
-    cond_dim: int,
-    *,
-    learn_sigma: bool = True,
-    frequency_embedding_size: int = 256,
-) -> int:
-    """Parameters of :class:`MLPHead` in closed form (for the size registry).
-
-    ``input_proj (d+1)w + time_embed (F+1)w + (w+1)w + cond_embed (D+1)w
-    + depth * (2 w(w+1) + w(3w+3) + 2w) + final (2w(w+1) + (w+1) o)``, ``o = 2d`` (``d``).
-
-    Args:
-        depth: residual blocks.
-        width: w.
-        token_dim: d.
-        cond_dim: D.
-        learn_sigma: output 2d channels (default True).
-        frequency_embedding_size: F (default 256).
-    """
-    w, d, f = width, token_dim, frequency_embedding_size
-    out = 2 * d if learn_sigma else d
-    block = 2 * w * (w + 1) + 3 * w * (w + 1) + 2 * w
-    return (
-        (d + 1) * w + (f + 1) * w + (w + 1) * w + (cond_dim + 1) * w + depth * block + 2 * w * (w + 1) + (w + 1) * out
-    )

@@ -14,7 +14,7 @@ Training step (method.md, "Training, one batch"): mask, inject noise into the
 unmasked tokens (De. Head rows), run the backbone, the diffusion loss on the
 masked tokens and the denoising losses on the unmasked ones;
 ``loss = L_diffusion + lambda_refine loss_r + lambda_assess loss_a``.
-Sampling is :func:`demar.sampler.generate`.
+Sampling is :func:`demar.sampler.sample_tokens`; :func:`decode_tokens` turns its tokens into pixels.
 
 Checkpoints carry the config they were built from; :func:`load_model` rebuilds
 the model from it.
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -35,18 +36,24 @@ from demar.config import StrictConfig, validate
 from demar.denoising_head import DenoisingHead, DenoisingHeadConfig, NoiseInjectionConfig, NoiseInjector
 from demar.diffusion import DiffusionConfig
 from demar.diffusion_head import DiffusionHead
-from demar.io import torch_save
+from demar.io import UnreadableFileError, torch_load, torch_save
 from demar.mlp_head import MLPHead, MLPHeadConfig
-from demar.sampler import SampleSettings, generate
+from demar.sampler import SampleSettings, sample_tokens
 from demar.sizes import get_size
 from demar.transformer_head import TransformerHead, TransformerHeadConfig
+
+if TYPE_CHECKING:
+    from demar.tokenizer import Tokenizer
 
 __all__ = [
     "ABLATION_ROWS",
     "DeMAR",
     "LossOutput",
     "ModelConfig",
+    "ModelMismatchError",
+    "config_differences",
     "count_params",
+    "decode_tokens",
     "load_model",
     "patchify",
     "save_checkpoint",
@@ -105,7 +112,6 @@ class ModelConfig(StrictConfig):
         denoiser: the denoising head's knobs (used with ``denoising_head``).
         lambda_refine: weight of the refinement loss (default 1.0).
         lambda_assess: weight of the assessment loss (default 1.0).
-        grad_checkpointing: recompute backbone blocks in the backward pass (default False).
     """
 
     token_dim: int = Field(16, ge=1)
@@ -133,7 +139,6 @@ class ModelConfig(StrictConfig):
     denoiser: DenoisingHeadConfig = DenoisingHeadConfig()
     lambda_refine: float = Field(1.0, ge=0.0)
     lambda_assess: float = Field(1.0, ge=0.0)
-    grad_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -243,6 +248,12 @@ def unpatchify(
     return x.reshape(b, channels, gh * p, gw * p)  # [B, C, h, w]
 
 
+def decode_tokens(tokens: torch.Tensor, tokenizer: Tokenizer, cfg: ModelConfig) -> torch.Tensor:
+    """Sampled tokens ``[B, N, d]`` -> images ``[B, 3, H, W]`` in about [-1, 1] (method.md, sampling step 5)."""
+    latents = unpatchify(tokens.float(), cfg.patch_size, cfg.latent_channels)  # [B, C, h, w]
+    return tokenizer.decode(latents)  # [B, 3, H, W]
+
+
 class DeMAR(nn.Module):
     """MAR backbone + diffusion head (MLP or Transformer) + optional denoising head.
 
@@ -269,7 +280,6 @@ class DeMAR(nn.Module):
             text_dim=cfg.text_dim,
             label_drop_prob=cfg.label_drop_prob,
             masking=cfg.masking,
-            grad_checkpointing=cfg.grad_checkpointing,
         )
         self.diffusion_head: DiffusionHead
         if cfg.diffusion_head == "mlp":
@@ -340,7 +350,7 @@ class DeMAR(nn.Module):
         *,
         num_images: int | None = None,
     ) -> torch.Tensor:
-        """Sample tokens ``[B, N, d]`` (see :func:`demar.sampler.generate`).
+        """Sample tokens ``[B, N, d]`` (see :func:`demar.sampler.sample_tokens`).
 
         Args:
             context: labels ``[B]``, text tokens ``[B, L, Dc]`` or ``None`` (unconditional).
@@ -349,7 +359,7 @@ class DeMAR(nn.Module):
             progress: show a progress bar (default False).
             num_images: batch size when ``context`` is ``None`` (default ``None``).
         """
-        return generate(self, context, settings, generator, progress, num_images=num_images).tokens
+        return sample_tokens(self, context, settings, generator, progress, num_images=num_images).tokens
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by component: ``backbone``, ``diffusion_head``, ``denoising_head``, ``total``."""
@@ -382,36 +392,93 @@ def save_checkpoint(
     ema_state: dict[str, torch.Tensor] | nn.Module | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``{"config", "model", "model_ema", "extra"}`` atomically.
+    """Write ``{"config", "model", "model_ema", "extra"}`` atomically: tensors and plain values only.
 
     Args:
         path: the file to write.
-        model: the (bare, non-DDP) model; its config is stored as ``cfg.model_dump()``.
+        model: the (bare, non-DDP) model; its config is stored as plain values.
         ema_state: EMA weights as a state dict or a module (default ``None``: none stored).
-        extra: anything else to keep (step, optimizer state, ...) (default ``None``).
+        extra: plain values to keep beside them (step, run identity, ...) (default ``None``).
     """
     if isinstance(ema_state, nn.Module):
         ema_state = ema_state.state_dict()
     torch_save(
-        {"config": model.cfg.model_dump(), "model": model.state_dict(), "model_ema": ema_state, "extra": extra or {}},
+        {
+            "config": model.cfg.model_dump(mode="json"),
+            "model": model.state_dict(),
+            "model_ema": ema_state,
+            "extra": extra or {},
+        },
         path,
     )
 
 
-def load_model(path: str | os.PathLike[str], use_ema: bool = True, map_location: str | torch.device = "cpu") -> DeMAR:
+class ModelMismatchError(ValueError):
+    """A model file was built with another config than the one expected; the message lists the differences.
+
+    Attributes:
+        path: the file.
+        differences: ``"key: value in the file, expected value"`` lines (dotted keys).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], differences: list[str]) -> None:
+        self.path = Path(path)
+        self.differences = list(differences)
+        shown = "".join(f"\n  {d}" for d in differences)
+        super().__init__(f"{path}: the model does not match the expected configuration:{shown}")
+
+
+def config_differences(found: ModelConfig, expected: ModelConfig) -> list[str]:
+    """``"key: <found>, expected <expected>"`` for every dotted key where two model configs differ."""
+
+    def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(data, dict):
+            return {prefix: data}
+        return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = flat(found.model_dump(mode="json")), flat(expected.model_dump(mode="json"))
+    return [
+        f"{key.rstrip('.')}: {a.get(key)!r} in the file, expected {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    ]
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    use_ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    *,
+    expected: ModelConfig | None = None,
+) -> DeMAR:
     """Rebuild a model from a :func:`save_checkpoint` file, in eval mode.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file (read with ``weights_only=True``).
         use_ema: load the EMA weights when the file holds them (default True);
             otherwise, or when it holds none, the trained weights.
         map_location: where the tensors are loaded (default ``"cpu"``).
+        expected: the config the model must have (e.g. the row's); None accepts any.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        demar.io.UnreadableFileError: the file is truncated, not a torch file, not a
+            model file, or its weights do not fit its config.
+        demar.io.UnsafeFileError: the file holds objects other than tensors and plain values.
+        ModelMismatchError: the model's config differs from ``expected`` (differences listed).
     """
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = torch_load(path, map_location=map_location)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a demar checkpoint (needs 'config' and 'model' entries)")
+        found = ", ".join(map(repr, sorted(ckpt, key=str))) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UnreadableFileError(path, f"not a demar model file (needs 'config' and 'model' entries; found {found})")
     cfg = validate(ModelConfig, ckpt["config"], source=str(path), prefix="config")
+    if expected is not None and (diffs := config_differences(cfg, expected)):
+        raise ModelMismatchError(path, diffs)
     model = DeMAR(cfg)
     state = ckpt["model_ema"] if use_ema and ckpt.get("model_ema") is not None else ckpt["model"]
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UnreadableFileError(path, f"the weights do not fit the config the file records ({first})") from None
     return model.to(map_location).eval()

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from demar.backbone import gather_tokens, mask_from_orders, random_orders, scatter_tokens
 from demar.config import StrictConfig
+from demar.diffusion import is_guided
 
 if TYPE_CHECKING:
     from demar.model import DeMAR
 
-__all__ = ["SampleResult", "SampleSettings", "cfg_at_step", "generate", "masked_after_step"]
+__all__ = ["SampleResult", "SampleSettings", "cfg_at_step", "masked_after_step", "sample_tokens"]
 
 
 class SampleSettings(StrictConfig):
@@ -66,7 +67,7 @@ class SampleSettings(StrictConfig):
 
 @dataclass
 class SampleResult:
-    """What :func:`generate` returns.
+    """What :func:`sample_tokens` returns.
 
     Attributes:
         tokens: the sampled tokens ``[B, N, d]``.
@@ -123,7 +124,7 @@ def _batch_size(context: torch.Tensor | None, num_images: int | None) -> int:
 
 
 @torch.no_grad()
-def generate(
+def sample_tokens(
     model: DeMAR,
     context: torch.Tensor | None,
     settings: SampleSettings,
@@ -158,7 +159,7 @@ def generate(
     n, d, num_iter = cfg.seq_len, cfg.token_dim, settings.num_iter
     if context is not None:
         context = context.to(device)
-    guided = settings.cfg != 1.0 and context is not None
+    guided = is_guided(settings.cfg) and context is not None
     backbone, diff_head, den_head = model.backbone, model.diffusion_head, model.denoising_head
 
     was_training = model.training
@@ -198,7 +199,7 @@ def generate(
             if num_new > 0:
                 step_cfg = cfg_at_step(settings, mask_len, n) if guided else 1.0
                 z_rows, z_all_rows = z_all, z_all
-                if guided and step_cfg == 1.0:  # a unit scale needs the conditional half only
+                if guided and not is_guided(step_cfg):  # a unit scale needs the conditional half only
                     z_rows = z_all_rows = z_all[:b]
                 idx = torch.cat([chosen, chosen]) if z_rows.shape[0] != b else chosen  # [B', M]
                 new = diff_head.sample(

@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from demar.config import StrictConfig
-from demar.io import file_sha256, torch_save
+from demar.io import UnreadableFileError, UnsafeFileError, file_sha256, torch_load, torch_save
 
 __all__ = [
     "AttnBlock",
@@ -377,9 +377,9 @@ def _torch_load(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure: say which file
-        raise CheckpointError(f"{path}: cannot be read as a torch weights file ({type(err).__name__}: {err})") from None
+        return torch_load(path)
+    except (UnreadableFileError, UnsafeFileError) as err:
+        raise CheckpointError(str(err)) from None
 
 
 # Keys of LDM's training-time loss (discriminator, LPIPS, learned log-variance): not part of the autoencoder.

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from demar.config import StrictConfig
 from demar.data import DataConfig, open_split, split_fingerprint
+from demar.images import to_uint8, to_unit
 from demar.io import torch_save
 from demar.tokenizer import AutoencoderKL, DiagonalGaussian, Tokenizer, TokenizerConfig, load_kl16
 
@@ -51,7 +52,6 @@ __all__ = [
     "reconstruction_grid",
     "reconstruction_psnr",
     "reference_images",
-    "to_unit",
     "train_tokenizer",
 ]
 
@@ -94,11 +94,6 @@ class TokenizerTrainConfig(StrictConfig):
     eval_batch_size: int = Field(250, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> float32 in [-1, 1]."""
-    return images.float() / 127.5 - 1.0
 
 
 def _lr_at(step: int, cfg: TokenizerTrainConfig) -> float:
@@ -283,7 +278,7 @@ def reconstruction_psnr(
         x = images[start : start + batch_size]
         device = next(tokenizer.parameters()).device
         tokens = tokenizer.encode(to_unit(x).to(device), generator=gen, sample=sample)
-        y = ((tokenizer.decode(tokens).cpu() + 1.0) * 127.5).round().clamp(0, 255)  # as saved to uint8
+        y = to_uint8(tokenizer.decode(tokens).cpu()).float()  # as saved to uint8
         err = (y - x.float()).pow(2).flatten(1).mean(1)  # [B] per-image MSE
         sq_err += err.sum().item()
         per_image.append(10.0 * torch.log10(255.0**2 / err.clamp_min(1e-3)))
@@ -328,10 +323,6 @@ class TokenizerStageConfig(StrictConfig):
         return self
 
 
-def _as_uint8(image: torch.Tensor) -> torch.Tensor:
-    return ((image + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 def reference_images(data_cfg: DataConfig, data_dir: str | os.PathLike[str], num: int) -> torch.Tensor | None:
     """Up to ``num`` evenly spaced held-out images as uint8 ``[n, 3, R, R]``, or None without a reference split.
 
@@ -347,7 +338,7 @@ def reference_images(data_cfg: DataConfig, data_dir: str | os.PathLike[str], num
     picks = torch.linspace(0, len(ds) - 1, min(num, len(ds))).round().long().unique().tolist()
     if data_cfg.kind == "embedded":
         return torch.from_numpy(np.asarray(ds.images[picks]))
-    return torch.stack([_as_uint8(ds[i][0]) for i in picks])
+    return torch.stack([to_uint8(ds[i][0]) for i in picks])
 
 
 def build_tokenizer(
@@ -371,7 +362,7 @@ def build_tokenizer(
 
     Returns:
         ``(tokenizer on the CPU, metrics)``; metrics hold ``source, scale, latent_shape, params,
-        psnr, psnr_image_mean, psnr_sample, eval_images, wall_s`` and, when trained,
+        psnr, psnr_image_mean, psnr_sample, eval_images, threads, wall_s`` and, when trained,
         ``train_steps, train_wall_s, final_loss, final_recon, final_kl``.
     """
     from demar.distributed import resolve_device
@@ -430,6 +421,7 @@ def build_tokenizer(
         scale=tok.scale,
         latent_shape=list(arch.latent_shape()),
         params=sum(p.numel() for p in tok.parameters()),
+        threads=torch.get_num_threads(),  # CPU results are bitwise the same only under the same count
         wall_s=time.perf_counter() - t0,
     )
     return tok.cpu(), metrics
@@ -445,7 +437,7 @@ def reconstruction_grid(tokenizer: Tokenizer, images: torch.Tensor, columns: int
         columns: images per row (default 8).
     """
     device = next(tokenizer.parameters()).device
-    recon = _as_uint8(tokenizer.decode(tokenizer.encode(to_unit(images).to(device), sample=False)).cpu())
+    recon = to_uint8(tokenizer.decode(tokenizer.encode(to_unit(images).to(device), sample=False)).cpu())
     n, _, r, _ = images.shape
     rows = n // columns
     pairs = torch.stack([images[: rows * columns], recon[: rows * columns]]).reshape(2, rows, columns, 3, r, r)

@@ -36,13 +36,21 @@ ratio is drawn once per slice.
 
 Outputs in ``out_dir`` (rank 0 writes, others only compute):
 
-- ``checkpoints/last.pt``: model, EMA, optimizer, scheduler, step, RNG states,
-  the data-order state and the resolved configs, written atomically every
-  ``checkpoint_every`` steps and at the end; a new call resumes from it;
 - ``metrics.jsonl``: one JSON record per logged step (loss components, lr,
-  gradient norm, tokens/s, steps/s), whatever happens to MLflow;
-- ``model.pt``: the final model with its EMA weights and config
+  gradient norm, tokens/s, steps/s), whatever happens to MLflow; written just
+  before each checkpoint, so it always holds every step the checkpoint covers;
+- ``checkpoints/last.pt``: model, EMA, optimizer, scheduler, step, RNG states
+  (tensors), the data-order state and the run identity (below), tensors and plain
+  values only, written atomically every ``checkpoint_every`` steps and at the end;
+- ``model.pt``: the final model with its EMA weights, config and run identity
   (:func:`demar.model.save_checkpoint`).
+
+Run identity. A call resumes from ``last.pt`` only when it was written by the
+same run: the same configs (keys of :data:`demar.train_config.OPERATIONAL_KEYS`
+aside), device type, slicing, latent set and code (:func:`demar.identity.code_digest`
+of :data:`CODE_MODULES`). Otherwise, or when the file is unreadable (set aside as
+``last.pt.unreadable``), it says why in one line and starts fresh, removing the
+earlier outputs. A finished run of the same identity computes and writes nothing.
 """
 
 from __future__ import annotations
@@ -52,43 +60,45 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from demar import distributed as D
-from demar.config import ConfigError, StrictConfig, validate
+from demar.batching import StepBatchSampler
+from demar.config import ConfigError
 from demar.diffusion_head import DiffusionHead
 from demar.ema import EMA
-from demar.io import atomic_write_text, torch_save
+from demar.identity import code_digest
+from demar.images import to_uint8
+from demar.io import (
+    UnreadableFileError,
+    atomic_write_text,
+    ensure_writable,
+    remove_stale_temporaries,
+    torch_load,
+    torch_save,
+)
 from demar.latents import LatentDataset, draw_latents
-from demar.model import ABLATION_ROWS, DeMAR, ModelConfig, patchify, save_checkpoint
-from demar.sampler import SampleSettings
-from demar.sizes import SIZES
+from demar.model import DeMAR, ModelConfig, patchify, save_checkpoint
+from demar.rng import derive_seed
+from demar.train_config import OPERATIONAL_KEYS, TrainConfig, lr_at, steps_for
 
 __all__ = [
     "CHECKPOINT_NAME",
     "METRICS_NAME",
     "MODEL_NAME",
     "NonFiniteLossError",
-    "RowConfig",
-    "StepBatchSampler",
-    "TrainConfig",
     "TrainResult",
-    "derive_seed",
-    "lr_at",
     "param_groups",
     "read_metrics",
-    "row_model_config",
-    "steps_for",
     "train",
 ]
 
@@ -96,192 +106,8 @@ CHECKPOINT_NAME = "checkpoints/last.pt"
 METRICS_NAME = "metrics.jsonl"
 MODEL_NAME = "model.pt"
 
-# Keys of TrainConfig that may differ between a checkpoint and the run resuming
-# it: they change when things are written or how fast, never what is computed.
-OPERATIONAL_KEYS = frozenset(
-    {
-        "checkpoint_every",
-        "log_every",
-        "sample_every",
-        "sample_count",
-        "sample_settings",
-        "num_workers",
-        "compile",
-        "device",
-    }
-)
-
-# Learning rates are quoted per 256 images (MAR: lr = base_lr * batch / 256).
-LR_REFERENCE_BATCH = 256
-
-
-class TrainConfig(StrictConfig):
-    """Hyperparameters of one training run (``params.yaml``, section ``train``).
-
-    Defaults are MAR's ImageNet 256 recipe; the embedded CPU preset overrides them.
-
-    Args:
-        batch_size: global batch, images per optimizer step over all processes (default 2048).
-        micro_batches: slices the global batch is cut into, each one forward/backward
-            with its own random draws (the masking ratio is drawn once per slice); a
-            multiple of the number of processes, which each accumulate
-            ``micro_batches / world_size`` slices. None: one slice per process (MAR:
-            one batch per GPU), so the draws depend on the number of processes; a
-            number makes results independent of it and allows gradient accumulation
-            (default None).
-        base_lr: learning rate per 256 images; the AdamW rate is
-            ``base_lr * batch_size / 256`` (default 1e-4, i.e. 8e-4 at batch 2048).
-        weight_decay: AdamW decay of matrices (none on biases, 1-D parameters or the
-            diffusion head, as MAR) (default 0.02).
-        betas: AdamW betas (default (0.9, 0.95)).
-        epochs: training length in passes over the latent set; the number of steps is
-            ``round(epochs * num_images / batch_size)`` (default 400).
-        warmup_epochs: linear warm-up of the learning rate from 0, in epochs (default 100).
-        lr_schedule: after warm-up, ``"constant"`` (MAR) or ``"cosine"`` down to ``min_lr``
-            (default ``"constant"``).
-        min_lr: final learning rate of the cosine schedule (default 0.0).
-        grad_clip: maximum global gradient norm; 0 turns clipping off (default 3.0).
-        ema_rate: EMA decay per step, updated every step from the initial weights
-            (default 0.9999).
-        checkpoint_every: steps between checkpoints (plus one at the end) (default 5000).
-        log_every: steps per logged record; each record averages the steps since the
-            previous one (default 100).
-        sample_every: steps between sample grids logged as MLflow images; 0 = never
-            (needs a decoder) (default 0).
-        sample_count: images in a sample grid (default 16).
-        sample_settings: sampler knobs of the grids (:class:`demar.sampler.SampleSettings`;
-            default MAR's: 64 autoregressive steps, 100 diffusion steps, no guidance).
-        num_workers: DataLoader worker processes (default 4).
-        seed: seed of every random draw of the run (default 0).
-        bf16: bf16 autocast of forward passes on CUDA devices (never on the CPU,
-            never fp16) (default True).
-        grad_checkpointing: recompute transformer block activations in the backward
-            pass to save memory (default False).
-        compile: ``torch.compile`` the model (default False).
-        device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"`` (default ``"auto"``).
-    """
-
-    batch_size: int = Field(2048, ge=1)
-    micro_batches: int | None = Field(None, ge=1)
-    base_lr: float = Field(1e-4, gt=0.0)
-    weight_decay: float = Field(0.02, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    epochs: float = Field(400.0, gt=0.0)
-    warmup_epochs: float = Field(100.0, ge=0.0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    min_lr: float = Field(0.0, ge=0.0)
-    grad_clip: float = Field(3.0, ge=0.0)
-    ema_rate: float = Field(0.9999, ge=0.0, le=1.0)
-    checkpoint_every: int = Field(5000, ge=1)
-    log_every: int = Field(100, ge=1)
-    sample_every: int = Field(0, ge=0)
-    sample_count: int = Field(16, ge=1)
-    sample_settings: SampleSettings = SampleSettings()
-    num_workers: int = Field(4, ge=0)
-    seed: int = Field(0, ge=0)
-    bf16: bool = True
-    grad_checkpointing: bool = False
-    compile: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @field_validator("betas")
-    @classmethod
-    def _check_betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
-        return betas
-
-    @field_validator("micro_batches")
-    @classmethod
-    def _check_micro_batches(cls, micro_batches: int | None, info: ValidationInfo) -> int | None:
-        batch = info.data.get("batch_size")
-        if micro_batches is not None and batch is not None and batch % micro_batches:
-            raise ValueError(f"must divide batch_size ({batch}), got {micro_batches}")
-        return micro_batches
-
-    @field_validator("warmup_epochs")
-    @classmethod
-    def _check_warmup(cls, warmup: float, info: ValidationInfo) -> float:
-        epochs = info.data.get("epochs")
-        if epochs is not None and warmup > epochs:
-            raise ValueError(f"must not exceed epochs ({epochs}), got {warmup}")
-        return warmup
-
-    @field_validator("min_lr")
-    @classmethod
-    def _check_min_lr(cls, min_lr: float, info: ValidationInfo) -> float:
-        base, batch = info.data.get("base_lr"), info.data.get("batch_size")
-        if base is not None and batch is not None and min_lr > base * batch / LR_REFERENCE_BATCH:
-            raise ValueError(f"must not exceed the learning rate base_lr * batch_size / 256, got {min_lr}")
-        return min_lr
-
-    @property
-    def lr(self) -> float:
-        """The AdamW learning rate after warm-up: ``base_lr * batch_size / 256``."""
-        return self.base_lr * self.batch_size / LR_REFERENCE_BATCH
-
-
-class RowConfig(StrictConfig):
-    """One ablation row of ``params.yaml`` (``rows.<row>``).
-
-    Args:
-        ablation: the row of Table 4: ``mar``, ``diff_head``, ``de_head`` or ``demar``
-            (the head switches of :data:`demar.model.ABLATION_ROWS`).
-        size: a registered model size (:data:`demar.sizes.SIZES`: tiny, small, B, L, H).
-        seed: seed of the row's training (and of its sampling) (>= 0).
-    """
-
-    ablation: Literal["mar", "diff_head", "de_head", "demar"]
-    size: str
-    seed: int = Field(ge=0)
-
-    @field_validator("size")
-    @classmethod
-    def _check_size(cls, size: str) -> str:
-        if size not in SIZES:
-            raise ValueError(f"must be one of {', '.join(SIZES)}")
-        return size
-
-
-def row_model_config(row: RowConfig, model_section: dict[str, Any] | None, *, source: str = "<params>") -> ModelConfig:
-    """The :class:`demar.model.ModelConfig` of an ablation row.
-
-    The row's size gives the architecture, ``model_section`` (``params.yaml``'s
-    ``model``: knobs shared by every row, e.g. ``token_dim``, ``seq_len``,
-    ``num_classes``, ``diffusion``) goes on top, and the row's ablation sets the two
-    head switches last.
-
-    Args:
-        row: the row.
-        model_section: the shared model knobs (default None: none).
-        source: the file the knobs came from, quoted in errors (default ``"<params>"``).
-    """
-    data = dict(model_section or {})
-    for key in ("size", *ABLATION_ROWS[row.ablation]):
-        if key in data:
-            raise ConfigError(
-                f"invalid configuration in {source}:\n  model.{key}: set per row (rows.<row>), not in model"
-            )
-    return ModelConfig.from_section({**data, "size": row.size, **ABLATION_ROWS[row.ablation]}, source=source)
-
-
-def row_train_config(row: RowConfig, train_section: dict[str, Any] | None, *, source: str = "<params>") -> TrainConfig:
-    """The :class:`TrainConfig` of a row: ``params.yaml``'s ``train`` with the row's seed.
-
-    ``train.seed`` is not a key: every row trains (and samples) with its own ``rows.<row>.seed``.
-
-    Args:
-        row: the row.
-        train_section: the ``train`` section (default None: all defaults).
-        source: the file it came from, quoted in errors (default ``"<params>"``).
-    """
-    data = dict(train_section or {})
-    if "seed" in data:
-        raise ConfigError(
-            f"invalid configuration in {source}:\n  train.seed: not a key; training uses the row's seed (rows.<row>.seed)"
-        )
-    return validate(TrainConfig, {**data, "seed": row.seed}, source=source, prefix="train")
+# The modules whose code determines a run's result: this engine and all it imports.
+CODE_MODULES = ("demar.train",)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -328,47 +154,6 @@ class TrainResult:
 # ---------------------------------------------------------------------- pure helpers
 
 
-def derive_seed(*keys: int | str) -> int:
-    """A 63-bit seed that depends only on ``keys`` (stable across runs, processes, machines).
-
-    Args:
-        keys: e.g. ``(seed, "latents", step, slice)``.
-    """
-    digest = hashlib.sha256(repr(tuple(keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def steps_for(cfg: TrainConfig, num_images: int) -> tuple[int, float]:
-    """``(total steps, warm-up steps)`` of a run over ``num_images`` images.
-
-    Args:
-        cfg: the training config (``epochs``, ``warmup_epochs``, ``batch_size``).
-        num_images: images in the latent set.
-    """
-    steps_per_epoch = num_images / cfg.batch_size
-    return max(1, round(cfg.epochs * steps_per_epoch)), cfg.warmup_epochs * steps_per_epoch
-
-
-def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: float) -> float:
-    """The learning rate of the 0-based ``step`` (MAR's per-iteration schedule).
-
-    Linear warm-up from 0 over ``warmup_steps``, then ``cfg.lr`` (constant) or a
-    half-cosine from ``cfg.lr`` to ``cfg.min_lr`` at ``total_steps``.
-
-    Args:
-        step: 0-based optimizer step.
-        cfg: the training config.
-        total_steps: steps of the whole run.
-        warmup_steps: steps of warm-up (may be fractional).
-    """
-    if step < warmup_steps:
-        return cfg.lr * step / warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1e-12)
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW parameter groups with MAR's weight-decay rule.
 
@@ -390,88 +175,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         else:
             decay.append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """The indices of every slice this process handles, step by step, from ``start_step``.
-
-    The images of step ``s`` are positions ``[s * B, (s + 1) * B)`` of an endless
-    stream made of one random permutation of the data set per epoch (epoch ``e``
-    shuffled by ``derive_seed(seed, "order", e)``). Slice ``m`` of a step holds
-    positions ``[m * b, (m + 1) * b)`` of it, ``b = B / micro_batches``; process
-    ``r`` handles slices ``r * k .. (r + 1) * k - 1``, ``k = micro_batches / W``.
-    Everything is a function of ``(seed, step, slice)``, so a resumed or
-    differently parallel run reads the same images in the same slices.
-
-    Args:
-        num_images: size of the data set.
-        batch_size: global batch B.
-        micro_batches: slices per step.
-        rank: this process's rank.
-        world_size: number of processes (divides ``micro_batches``).
-        seed: the run's seed.
-        total_steps: one past the last step to yield.
-        start_step: first step to yield (default 0).
-    """
-
-    def __init__(
-        self,
-        num_images: int,
-        batch_size: int,
-        micro_batches: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        total_steps: int,
-        start_step: int = 0,
-    ) -> None:
-        if num_images < 1:
-            raise ValueError("the latent set is empty")
-        self.n = num_images
-        self.batch_size = batch_size
-        self.slice_size = batch_size // micro_batches
-        self.local = micro_batches // world_size
-        self.rank = rank
-        self.seed = seed
-        self.start_step = start_step
-        self.total_steps = total_steps
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def indices(self, step: int, slice_index: int) -> list[int]:
-        """Data set indices of slice ``slice_index`` of ``step``.
-
-        Args:
-            step: 0-based step.
-            slice_index: global slice index in ``[0, micro_batches)``.
-        """
-        start = step * self.batch_size + slice_index * self.slice_size
-        pos = torch.arange(start, start + self.slice_size)  # positions in the endless stream
-        epochs = pos // self.n
-        out = torch.empty_like(pos)
-        for e in epochs.unique().tolist():
-            sel = epochs == e
-            out[sel] = self._perm(e)[pos[sel] % self.n]
-        return out.tolist()
-
-    def slices(self) -> list[int]:
-        """Global indices of the slices this process handles each step."""
-        return [self.rank * self.local + a for a in range(self.local)]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, self.total_steps):
-            for m in self.slices():
-                yield self.indices(step, m)
-
-    def __len__(self) -> int:
-        return (self.total_steps - self.start_step) * self.local
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -505,6 +208,25 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
             if a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}")
     return diffs
+
+
+def _identity_differences(saved: Any, current: dict[str, Any]) -> list[str]:
+    """What differs between a checkpoint's run identity and the current one (empty: resume)."""
+    if not isinstance(saved, dict):
+        return ["the run identity (none recorded)"]
+    diffs = _config_differences(saved.get("config") or {}, current["config"])
+    saved_run = saved.get("run") or {}
+    diffs += [f"{key} ({saved_run.get(key)} -> {v})" for key, v in current["run"].items() if saved_run.get(key) != v]
+    if saved.get("latents") != current["latents"]:
+        diffs.append("the latent set")
+    if saved.get("code") != current["code"]:
+        diffs.append(f"the code ({', '.join(CODE_MODULES)} and the modules it imports)")
+    return diffs
+
+
+def _say(message: str) -> None:
+    """One line on stderr (outside the progress bar)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -580,16 +302,25 @@ class _Trainer:
         self.checkpoint_path = out_dir / CHECKPOINT_NAME
         self.metrics_path = out_dir / METRICS_NAME
         self.model_path = out_dir / MODEL_NAME
+        manifest = json.dumps(self.dataset.manifest, sort_keys=True).encode()
+        # What the result depends on: resumed only when all of it matches (operational keys aside).
+        self.identity = {
+            "config": _config_record(model_cfg, cfg),
+            "run": {"device": self.device.type, "micro_batches": self.micro_batches},
+            "latents": hashlib.sha256(manifest).hexdigest(),
+            "code": code_digest(*CODE_MODULES),
+        }
 
         self._build_model()
         self.history: list[dict[str, Any]] = []
         self.step = 0
         # Cumulative over resumptions: seconds in train steps, tokens, steps, wall seconds.
         self.timing: dict[str, float] = {"train_s": 0.0, "tokens": 0, "steps": 0, "wall_s": 0.0}
-        self._wall_start = time.perf_counter()
-        if resume:
-            self._maybe_resume()
+        self._wall_start: float | None = time.perf_counter()
+        if not (resume and self._maybe_resume()):
+            self._clear_outputs()
         self.resumed_from = self.step
+        self.saved_timing = dict(self.timing)  # as of the last checkpoint
         self.ddp = D.wrap_ddp(self.model, env, find_unused_parameters=self._needs_find_unused())
         self.forward_model = torch.compile(self.ddp) if cfg.compile else self.ddp
 
@@ -616,20 +347,33 @@ class _Trainer:
             self.optimizer, lambda s: lr_at(s, cfg, total, warmup) / cfg.lr
         )
 
-    def _maybe_resume(self) -> None:
-        if not self.checkpoint_path.is_file():
-            return
-        ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        diffs = _config_differences(ckpt["config"], _config_record(self.model_cfg, self.cfg))
+    def _maybe_resume(self) -> bool:
+        """Load ``last.pt`` when it was written by this run identity; return whether it was.
+
+        A checkpoint of another identity (config, latent set or code) is not used;
+        an unreadable one (truncated, not a torch file) is renamed ``last.pt.unreadable``
+        and reported. Either way the run starts fresh, saying why in one line. A file
+        holding pickled objects other than tensors is refused (:class:`demar.io.UnsafeFileError`).
+        """
+        path = self.checkpoint_path
+        if not path.is_file():
+            return False
+        try:
+            ckpt = torch_load(path)
+            if not isinstance(ckpt, dict) or not {"model", "ema", "optimizer", "scheduler", "step", "rng"} <= set(ckpt):
+                raise UnreadableFileError(path, "not a training checkpoint of this engine")
+        except UnreadableFileError as err:
+            D.barrier(self.env)  # every process has read the file before it moves
+            if self.env.is_main:
+                aside = path.with_name(path.name + ".unreadable")
+                os.replace(path, aside)
+                _say(f"{err}; set aside as {aside}, starting a fresh run")
+            return False
+        diffs = _identity_differences(ckpt.get("identity"), self.identity)
         if diffs:
             if self.env.is_main:
-                warnings.warn(
-                    f"{self.checkpoint_path} was written with a different configuration "
-                    f"({', '.join(diffs)}); starting a fresh run that will replace it",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return
+                _say(f"{path} was written with another {', '.join(diffs)}; starting a fresh run that replaces it")
+            return False
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -641,6 +385,14 @@ class _Trainer:
         if rng.get("cuda") is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.history = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
+        return True
+
+    def _clear_outputs(self) -> None:
+        """Remove the outputs of an earlier run before a fresh one, so old and new never mix."""
+        D.barrier(self.env)
+        if self.env.is_main:
+            for path in (self.checkpoint_path, self.metrics_path, self.model_path):
+                path.unlink(missing_ok=True)
 
     def _needs_find_unused(self) -> bool:
         """Whether some parameter can get no gradient in a step (then DDP must look for it).
@@ -749,6 +501,7 @@ class _Trainer:
     # ------------------------------------------------------------------ outputs
 
     def save_checkpoint(self) -> None:
+        self.saved_timing = {**self.timing, "wall_s": self._wall()}
         if self.env.is_main:
             state = {
                 "model": self.model.state_dict(),
@@ -767,12 +520,13 @@ class _Trainer:
                     "next_position": self.step * self.cfg.batch_size,
                     "num_images": self.num_images,
                 },
-                "config": _config_record(self.model_cfg, self.cfg),
+                "identity": self.identity,  # the configs, device, slicing, latent set and code
                 "world_size": self.env.world_size,
-                "timing": {**self.timing, "wall_s": self._wall()},
+                "timing": self.saved_timing,
             }
-            torch_save(state, self.checkpoint_path)
+            # History first: a kill between the two writes then loses no record the checkpoint covers.
             _write_metrics(self.metrics_path, self.history)
+            torch_save(state, self.checkpoint_path)
         D.barrier(self.env)
 
     def log_samples(self) -> None:
@@ -791,8 +545,8 @@ class _Trainer:
         with torch.no_grad(), self._autocast():
             tokens = self.ema.module.sample(context, self.cfg.sample_settings, generator=g)  # [n, N, d]
             images = self.decode(tokens).float()  # [n, 3, H, W] in [-1, 1]
-        grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=math.ceil(math.sqrt(count)))
-        array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+        grid = make_grid(to_uint8(images), nrow=math.ceil(math.sqrt(count)))  # [3, H', W'] uint8
+        array = grid.permute(1, 2, 0).cpu().numpy()
         self.run.log_image(array, "samples", step=self.step)
 
     def final_metrics(self) -> dict[str, Any]:
@@ -812,6 +566,8 @@ class _Trainer:
 
     def _wall(self) -> float:
         """Wall-clock seconds of the run, across resumptions (up to the last checkpoint of earlier calls)."""
+        if self._wall_start is None:  # nothing ran in this call
+            return self.timing["wall_s"]
         return self.timing["wall_s"] + time.perf_counter() - self._wall_start
 
     def _log(self, window: _Window, lr: float) -> None:
@@ -834,6 +590,10 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        if self.step >= self.total_steps and self._model_file_current():
+            # A finished run of this identity: nothing to compute, nothing to write.
+            self._wall_start = None
+            return self._result()
         self._wall_start = time.perf_counter()
         window = _Window()
         self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train",
@@ -870,17 +630,29 @@ class _Trainer:
                 _write_metrics(self.metrics_path, self.history)
                 if self.run is not None:
                     self.run.flush()
+        # The run's record ends with its final checkpoint, so a rerun of the finished run reports the same.
+        self.timing, self._wall_start = dict(self.saved_timing), None
         if self.env.is_main:
             save_checkpoint(
                 self.model_path,
                 self.model,
                 self.ema.module,
-                extra={"train": cfg.model_dump(mode="json"), "step": self.step},
+                extra={"train": cfg.model_dump(mode="json"), "step": self.step, "identity": self.identity},
             )
         D.barrier(self.env)
-        metrics = self.final_metrics()
+        return self._result()
+
+    def _model_file_current(self) -> bool:
+        """Whether ``model.pt`` holds this run identity's final model (a finished run)."""
+        try:
+            extra = torch_load(self.model_path, mmap=True).get("extra") or {}
+        except (OSError, ValueError, AttributeError):
+            return False
+        return extra.get("step") == self.step and not _identity_differences(extra.get("identity"), self.identity)
+
+    def _result(self) -> TrainResult:
         return TrainResult(
-            metrics=metrics,
+            metrics=self.final_metrics(),
             model_path=self.model_path,
             checkpoint_path=self.checkpoint_path,
             metrics_path=self.metrics_path,
@@ -921,19 +693,23 @@ def train(
         decode: maps sampled tokens ``[B, N, d]`` to images ``[B, 3, H, W]`` in
             ``[-1, 1]`` for the sample grids; without it no grid is logged (default None).
         progress: show a tqdm bar on rank 0 (default True).
-        resume: continue from ``out_dir/checkpoints/last.pt`` when it was written with
-            the same configuration (default True).
+        resume: continue from ``out_dir/checkpoints/last.pt`` when it was written by the
+            same run identity (default True); False starts fresh, removing earlier outputs.
 
     Raises:
         NonFiniteLossError: a step's loss or gradient norm is NaN or infinite.
+        PermissionError: ``out_dir`` cannot be written to (checked before any work).
+        demar.io.UnsafeFileError: ``last.pt`` holds objects other than tensors and plain values.
         ConfigError: ``micro_batches`` does not split over the processes, or
             ``grad_checkpointing`` cannot apply.
     """
     env = D.init_distributed(train_cfg.device)
     out_dir = Path(out_dir)
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if env.is_main:
+            ensure_writable(out_dir)
+            for path in remove_stale_temporaries(out_dir):
+                _say(f"removed {path}, left by a killed write")
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
             trainer = _Trainer(
                 model_cfg,

@@ -36,7 +36,7 @@ from demar.diffusion import DiffusionConfig
 from demar.diffusion_head import DiffusionHead
 from demar.embeddings import TimestepEmbedder
 
-__all__ = ["TransformerCondition", "TransformerHead", "TransformerHeadConfig", "transformer_head_param_count"]
+__all__ = ["TransformerCondition", "TransformerHead", "TransformerHeadConfig"]
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]
 Modulation = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -52,7 +52,6 @@ class TransformerHeadConfig(StrictConfig):
         mlp_ratio: FFN hidden width as a multiple of w.
         diffusion_batch_mul: (t, eps) draws per conditional token in training (MAR: 4).
         frequency_embedding_size: sinusoidal timestep features (256, as MAR).
-        grad_checkpointing: recompute the blocks in the backward pass to save memory.
     """
 
     depth: int = Field(4, ge=1)
@@ -61,7 +60,6 @@ class TransformerHeadConfig(StrictConfig):
     mlp_ratio: float = Field(4.0, gt=0.0)
     diffusion_batch_mul: int = Field(4, ge=1)
     frequency_embedding_size: int = Field(256, ge=2)
-    grad_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _check_heads(self) -> TransformerHeadConfig:
@@ -222,6 +220,7 @@ class TransformerHead(DiffusionHead):
     ) -> None:
         super().__init__(token_dim, cond_dim, diffusion or DiffusionConfig(), cfg.diffusion_batch_mul)
         self.cfg = cfg
+        self.grad_checkpointing = False  # recompute the blocks in the backward pass (train.grad_checkpointing)
         w = cfg.width
         self.input_proj = nn.Linear(token_dim, w)
         self.time_embed = TimestepEmbedder(w, cfg.frequency_embedding_size)
@@ -288,7 +287,7 @@ class TransformerHead(DiffusionHead):
         mods = self.modulations(c)
         kvs = cond.kv if cond.kv is not None else self.keys_values(cond.z_all)  # per block 2 x [B, H, N, hd]
         for block, mod, kv in zip(self.blocks, mods, kvs, strict=True):
-            if self.cfg.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, mod, kv, use_reentrant=False)
             else:
                 x = block(x, mod, kv)  # [B, M, w]
@@ -308,36 +307,3 @@ class TransformerHead(DiffusionHead):
         m = torch.addcmul(shift, scale, c.unsqueeze(-2)).unflatten(-1, (4, w))  # [B, M, depth, 4, w]
         gates = gate(m[..., 1::2, :])  # [B, M, depth, 2, w]: tanh(beta1), tanh(beta2)
         return [(m[..., j, 0, :], gates[..., j, 0, :], m[..., j, 2, :], gates[..., j, 1, :]) for j in range(depth)]
-
-
-def transformer_head_param_count(
-    depth: int,
-    width: int,
-    token_dim: int,
-    cond_dim: int,
-    *,
-    mlp_ratio: float = 4.0,
-    learn_sigma: bool = True,
-    frequency_embedding_size: int = 256,
-) -> int:
-    """Parameters of :class:`TransformerHead` in closed form (for the size registry).
-
-    Per block: ``q w(w+1) + kv 2w(D+1) + proj w(w+1) + FFN 2hw + h + w + scale/shift 8w``
-    (``h = int(w * mlp_ratio)``); once: ``input_proj (d+1)w + time_embed (F+1)w + (w+1)w
-    + cond_embed (D+1)w [only if D != w] + shared adaLN 4w(w+1) + final (w+1) o``, ``o = 2d`` (``d``).
-
-    Args:
-        depth: blocks.
-        width: w.
-        token_dim: d.
-        cond_dim: D.
-        mlp_ratio: FFN ratio (default 4.0).
-        learn_sigma: output 2d channels (default True).
-        frequency_embedding_size: F (default 256).
-    """
-    w, d, f, big_d = width, token_dim, frequency_embedding_size, cond_dim
-    h = int(w * mlp_ratio)
-    out = 2 * d if learn_sigma else d
-    block = 2 * w * (w + 1) + 2 * w * (big_d + 1) + 2 * h * w + h + w + 8 * w
-    cond = (big_d + 1) * w if big_d != w else 0
-    return (d + 1) * w + (f + 1) * w + (w + 1) * w + cond + 4 * w * (w + 1) + depth * block + (w + 1) * out

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
 
-__all__ = ["add_threads_argument", "apply_threads", "stage_settings"]
+if TYPE_CHECKING:
+    from demar.params import Params
+
+__all__ = ["add_threads_argument", "apply_threads", "load_stage_params", "run_stage"]
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -31,21 +36,32 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def stage_settings(params: dict[str, Any], source: str) -> tuple[str, Any]:
-    """Validate the whole params file and return the ``preset`` name and the ``tracking`` section.
+def load_stage_params(path: str | os.PathLike[str]) -> Params:
+    """Read and validate the whole params file once, before any work; the stage hands its sections down.
 
-    Every stage calls this before any work, so an unknown key or an invalid value
-    anywhere in ``params.yaml`` stops every stage with a message naming the key.
-
-    Args:
-        params: the whole params file as a mapping (already read from ``source``).
-        source: its path, quoted in errors.
-
-    Returns:
-        ``(preset, tracking)`` with ``tracking.enabled`` and ``tracking.system_metrics``.
+    An unknown key or an invalid value anywhere in the file stops every stage with a
+    :class:`demar.config.ConfigError` naming the key (see :func:`demar.params.load_params`).
     """
     from demar.params import load_params
 
-    del params  # validated again from the file itself, with every section's model
-    validated = load_params(source)
-    return validated.preset, validated.tracking
+    return load_params(path)
+
+
+def run_stage(main: Callable[[], int], name: str) -> NoReturn:
+    """Exit with ``main()``'s status; an error the user must fix is one line on stderr and status 2.
+
+    Every stage script ends with ``run_stage(main, "<stage>")``. A configuration error, an
+    unreadable, unsafe or mismatched file and an unwritable output are the user's to fix,
+    so each reads as one message naming the key or the file, not as a traceback.
+    """
+    from demar.config import ConfigError
+    from demar.io import UnreadableFileError, UnsafeFileError
+    from demar.model import ModelMismatchError
+
+    try:
+        status = main()
+    except (ConfigError, UnreadableFileError, UnsafeFileError, ModelMismatchError, PermissionError) as err:
+        head, *rest = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        print(f"{name}: error: {head} {'; '.join(rest)}".rstrip(), file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status)

@@ -19,18 +19,16 @@ Writes ``metrics/evaluate/<row>.json`` with the keys of docs/architecture.md
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from demar.config import load_yaml, validate
 from demar.distributed import resolve_device
+from demar.image_sets import open_images
 from demar.io import read_json, write_json
-from demar.metrics import EvaluateConfig, compute_metrics, open_images
+from demar.metrics import EvaluateConfig, compute_metrics
 from demar.tracking import stage_run
-from pipelines import stage_settings
-from pipelines.sample import load_row
+from pipelines import load_stage_params, run_stage
 from reports.data import family_of
 
 METRIC_KEYS = ("fid", "is", "is_std", "precision", "recall", "kid", "kid_std")
@@ -87,10 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = p.parse_args(argv)
 
-    params = load_yaml(args.params)
-    cfg = validate(EvaluateConfig, params.get("evaluate"), source=args.params, prefix="evaluate")
-    row = load_row(params, args.row, args.params)
-    preset, tracking = stage_settings(params, args.params)
+    params = load_stage_params(args.params)
+    cfg, row, preset, tracking = params.evaluate, params.row(args.row), params.preset, params.tracking
     samples = Path(args.samples or f"samples/{args.row}")
     untrained = Path(args.untrained_samples) if args.untrained_samples else None
     reference = args.reference or cfg.reference
@@ -137,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main, "evaluate")

@@ -14,17 +14,15 @@ data set is discarded automatically).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from demar.config import load_section, load_yaml
-from demar.data import DataConfig, open_split, split_fingerprint
+from demar.data import open_split, split_fingerprint
 from demar.distributed import resolve_device
 from demar.io import write_json
-from demar.latents import LatentsConfig, extract_latents
+from demar.latents import extract_latents
 from demar.tokenizer import Tokenizer, file_sha256
 from demar.tracking import stage_run
-from pipelines import add_threads_argument, apply_threads, stage_settings
+from pipelines import add_threads_argument, apply_threads, load_stage_params, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     apply_threads(args.threads)
 
-    data_cfg = load_section(args.params, "data", DataConfig)
-    cfg = load_section(args.params, "latents", LatentsConfig)
-    preset, tracking = stage_settings(load_yaml(args.params), args.params)
+    params = load_stage_params(args.params)
+    data_cfg, cfg, preset, tracking = params.data, params.latents, params.preset, params.tracking
     data_dir = Path(args.data or f"data/{data_cfg.kind}")
     with stage_run(
         "extract_latents",
@@ -86,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main, "extract_latents")

@@ -1,7 +1,11 @@
 """DVC stage ``prepare_data``: generate the embedded shapes, or scan and index an image folder.
 
 Reads ``params.yaml``: ``data`` (``kind``, ``embedded`` or ``imagenet``), ``preset``
-and ``tracking``. Writes ``data/<kind>/`` (``train/``, ``reference/``,
+and ``tracking``, and validates the whole file: this stage runs first and always
+runs again when params change, while later stages restored from DVC's run cache
+skip their code, so every check of the params that needs no output is made here
+(the row schema, no rows at all, an image folder inside a DVC output, more classes
+in the data than ``model.num_classes``, an empty class folder). Writes ``data/<kind>/`` (``train/``, ``reference/``,
 ``manifest.json``) and ``metrics/data.json`` (counts, classes, skipped images,
 wall time). With ``data.kind: imagenet`` every image is decoded once here; bad
 ones stop the stage or are skipped (and counted) as ``data.imagenet.on_bad_image`` says.
@@ -12,14 +16,12 @@ ones stop the stage or are skipped (and counted) as ``data.imagenet.on_bad_image
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from demar.config import load_section, load_yaml
-from demar.data import DataConfig, prepare
+from demar.data import check_classes, prepare
 from demar.io import write_json
 from demar.tracking import stage_run
-from pipelines import add_threads_argument, apply_threads, stage_settings
+from pipelines import add_threads_argument, apply_threads, load_stage_params, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     apply_threads(args.threads)
 
-    cfg = load_section(args.params, "data", DataConfig)
-    preset, tracking = stage_settings(load_yaml(args.params), args.params)
+    params = load_stage_params(args.params)
+    cfg, preset, tracking = params.data, params.preset, params.tracking
+    check_classes(cfg, params.model.num_classes)  # lists class folders only: before any work
     out = Path(args.out or f"data/{cfg.kind}")
     with stage_run(
         "prepare_data", preset=preset, params={"data": cfg.model_dump(mode="json")}, enabled=tracking.enabled
@@ -59,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main, "prepare_data")

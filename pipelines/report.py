@@ -5,21 +5,20 @@ from __future__ import annotations
 import os
 import sys
 
-from demar.config import load_yaml, validate
 from demar.tracking import stage_run
-from reports.build import ReportConfig, arg_parser, build_report, preset_of
+from pipelines import load_stage_params, run_stage
+from reports.build import arg_parser, build_report
 
 
 def main(argv: list[str] | None = None) -> int:
     args = arg_parser(__doc__).parse_args(argv)
     if args.tracking_uri:  # the stage's own run goes to the store it reads
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    params = load_yaml(args.params)
-    cfg = validate(ReportConfig, params.get("report"), source=args.params, prefix="report")
-    preset = preset_of(params)
+    params = load_stage_params(args.params)
+    cfg, preset = params.report, params.preset
     with stage_run("report", preset=preset, params={"report": cfg.model_dump()}, enabled=not args.no_mlflow) as run:
         result = build_report(
-            args.params,
+            params,
             args.metrics,
             args.samples,
             args.out,
@@ -34,4 +33,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main, "report")

@@ -1,6 +1,7 @@
 """DVC stage ``sample@<row>``: draw the row's evaluation images with its EMA weights.
 
-Reads ``params.yaml`` (``sample:``, ``rows.<row>.seed`` and ``.size``, ``preset``), loads
+Reads ``params.yaml`` (``sample:``, ``rows.<row>``, ``preset``; the settings come from
+:meth:`demar.params.Params.sample_config`), loads
 ``models/<row>/model.pt`` (EMA weights when ``sample.use_ema``) and
 ``models/tokenizer.pt``, and writes ``samples/<row>/``: the images, ``manifest.json``,
 ``grid.png`` and ``timing.json`` (see :mod:`demar.generate`). A killed run resumes
@@ -15,21 +16,20 @@ FID and class accuracy of that model beside the trained one.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 
-from demar.config import ConfigError, load_yaml, validate
+from demar.config import ConfigError
 from demar.distributed import resolve_device
-from demar.generate import GenerateResult, SampleStageConfig, generate
-from demar.model import DeMAR, load_model
+from demar.generate import GenerateResult, generate
+from demar.io import UnreadableFileError, UnsafeFileError
+from demar.model import DeMAR, ModelConfig, ModelMismatchError, load_model
+from demar.rng import derive_seed
 from demar.tokenizer import Tokenizer
 from demar.tracking import RunLogger, stage_run
-from demar.train import RowConfig, derive_seed
-from pipelines import stage_settings
+from pipelines import load_stage_params, run_stage
 
 
 def arg_parser(description: str) -> argparse.ArgumentParser:
@@ -46,23 +46,25 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def load_row(params: dict[str, Any], row: str, source: str) -> RowConfig:
-    """The validated ``rows.<row>`` entry (``ablation``, ``size``, ``seed``) of a loaded ``params.yaml``."""
-    rows = params.get("rows") or {}
-    if row not in rows:
-        known = ", ".join(map(str, rows)) or "none"
-        raise ConfigError(f"invalid configuration in {source}:\n  rows.{row}: unknown row (known: {known})")
-    return validate(RowConfig, rows[row], source=source, prefix=f"rows.{row}")
+class ModelFileError(ConfigError):
+    """The row's model file is missing, unreadable, or holds a model of another config; the message names the file."""
 
 
-def sample_section(params: dict[str, Any], source: str) -> SampleStageConfig:
-    """The validated ``sample:`` section; its seed comes from the row, so ``sample.seed`` is an error."""
-    data = params.get("sample") or {}
-    if "seed" in data:
-        raise ConfigError(
-            f"invalid configuration in {source}:\n  sample.seed: not a key; sampling uses the row's seed (rows.<row>.seed)"
-        )
-    return validate(SampleStageConfig, data, source=source, prefix="sample")
+def load_row_model(path: Path, expected: ModelConfig, row: str, *, use_ema: bool, device: torch.device) -> DeMAR:
+    """The model of ``path``, refused unless it is a readable checkpoint built with ``rows.<row>``'s config.
+
+    A missing file, one that is not a torch checkpoint, a truncated one, or one of another
+    architecture (size, head switches, token shape; the differences listed) is a
+    :class:`ModelFileError`, which the stage prints as one line.
+    """
+    try:
+        return load_model(path, use_ema=use_ema, map_location=device, expected=expected)
+    except FileNotFoundError:
+        raise ModelFileError(f"model file not found: {path} (the train stage of row {row!r} writes it)") from None
+    except ModelMismatchError as err:
+        raise ModelFileError(f"{err} (rows.{row} in params)") from None
+    except (UnreadableFileError, UnsafeFileError) as err:
+        raise ModelFileError(str(err)) from None
 
 
 def untrained_like(model: DeMAR, seed: int) -> DeMAR:
@@ -96,15 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--untrained", action="store_true", help="sample a freshly initialised model instead")
     args = p.parse_args(argv)
 
-    params = load_yaml(args.params)
-    section = sample_section(params, args.params)
-    row = load_row(params, args.row, args.params)
-    preset, tracking = stage_settings(params, args.params)
+    params = load_stage_params(args.params)
+    section, row, preset, tracking = params.sample, params.row(args.row), params.preset, params.tracking
     device = resolve_device(args.device)
 
     model_file = Path(args.models) / args.row / "model.pt"
     tokenizer_file = Path(args.models) / "tokenizer.pt"
-    model = load_model(model_file, use_ema=section.use_ema, map_location=device)
+    expected = params.row_model(args.row)
+    model = load_row_model(model_file, expected, args.row, use_ema=section.use_ema, device=device)
     if model.cfg.context != "class":
         raise ConfigError(
             f"{model_file}: the sample stage draws class-conditional images, the model is {model.cfg.context!r}"
@@ -112,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.load(tokenizer_file, map_location=device)
     if args.untrained:
         model = untrained_like(model, row.seed)
-        cfg = section.for_run(row.seed, section.untrained_num_images, size=row.size)
+        cfg = params.sample_config(args.row, section.untrained_num_images)
         out_dir, stage, source = Path(args.out) / f"{args.row}_untrained", "sample_untrained", None
     else:
-        cfg = section.for_run(row.seed, size=row.size)
+        cfg = params.sample_config(args.row)
         out_dir, stage, source = Path(args.out) / args.row, "sample", model_file
 
     with stage_run(
@@ -133,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main, "sample")

@@ -1,7 +1,7 @@
 """DVC stage ``time_fid@<row>``: the row's points of Figure 4a (seconds per image vs FID).
 
 For every pair of ``time_fid.ar_steps`` x ``time_fid.diffusion_steps`` it samples
-``time_fid.num_images`` images with :func:`demar.generate.generate` (the other
+``time_fid.num_images`` images with :func:`demar.time_fid.sweep_steps` (the other
 sampler knobs from ``sample.sampler``, the seed from ``rows.<row>.seed``) and
 scores them with :func:`demar.metrics.compute_metrics` under the ``evaluate:``
 settings, as the ``evaluate`` stage does. It writes ``metrics/time_fid/<row>.json``:
@@ -18,19 +18,19 @@ Run as a module from the repository root: ``python -m pipelines.time_fid --row <
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from demar.config import load_yaml, validate
 from demar.distributed import resolve_device
-from demar.generate import GeneratedImages, TimeFidConfig, sweep_steps
+from demar.identity import code_digest
+from demar.image_sets import reference_identity
+from demar.images import GeneratedImages
 from demar.io import write_json
-from demar.metrics import EvaluateConfig, compute_metrics, reference_identity
-from demar.model import load_model
+from demar.metrics import compute_metrics
+from demar.time_fid import sweep_steps
 from demar.tokenizer import Tokenizer
 from demar.tracking import stage_run
-from pipelines import stage_settings
-from pipelines.sample import arg_parser, load_row, sample_section
+from pipelines import load_stage_params, run_stage
+from pipelines.sample import arg_parser, load_row_model
 from reports.data import family_of
 
 
@@ -40,12 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="metrics/time_fid", help="metrics folder (default: %(default)s)")
     args = p.parse_args(argv)
 
-    params = load_yaml(args.params)
-    section = sample_section(params, args.params)
-    sweep = validate(TimeFidConfig, params.get("time_fid"), source=args.params, prefix="time_fid")
-    evaluate = validate(EvaluateConfig, params.get("evaluate"), source=args.params, prefix="evaluate")
-    row = load_row(params, args.row, args.params)
-    preset, tracking = stage_settings(params, args.params)
+    params = load_stage_params(args.params)
+    section, sweep, evaluate, row = params.sample, params.time_fid, params.evaluate, params.row(args.row)
+    preset, tracking = params.preset, params.tracking
     family = family_of(row.ablation)
     out_file = Path(args.out) / f"{args.row}.json"
     record = {"row": args.row, "family": family, "ablation": row.ablation, "size": row.size, "seed": row.seed}
@@ -58,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     model_file = Path(args.models) / args.row / "model.pt"
-    model = load_model(model_file, use_ema=section.use_ema, map_location=device)
+    expected = params.row_model(args.row)
+    model = load_row_model(model_file, expected, args.row, use_ema=section.use_ema, device=device)
     tokenizer = Tokenizer.load(Path(args.models) / "tokenizer.pt", map_location=device)
     metric_kwargs = {**evaluate.metric_kwargs(), "metrics": ("fid",)}
 
@@ -67,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     score_key = (
         f"{evaluate.model_dump_json()}|{evaluate.extractor_spec().digest()}|{reference_identity(evaluate.reference)}"
+        f"|{code_digest('demar.metrics')}"
     )
-    base = section.for_run(row.seed, size=row.size)
+    base = params.sample_config(args.row)
     with stage_run(
         "time_fid", preset=preset, row=args.row, seed=row.seed,
         params={"time_fid": sweep.model_dump(mode="json"), "sample": base.model_dump(mode="json")},
@@ -88,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main, "time_fid")

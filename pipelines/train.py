@@ -3,15 +3,17 @@
 Reads ``params.yaml``: ``preset``, ``model`` (knobs shared by every row),
 ``rows.<row>`` (``ablation``, ``size``, ``seed``), ``train`` and ``tracking``.
 Every value is validated before any work; an invalid one is an error naming its
-key. The MLflow store is checked next (an unreachable store is an error before
-training). Then :func:`demar.train.train` runs inside one MLflow run of the
-experiment ``demar-<preset>`` (params = the resolved configs, flattened; tags for
-the git commit, dirty tree, DVC stage, row and seed; system metrics).
+key. The output folders are checked for writability and the MLflow store for
+reachability next (either failing is an error before training). Then
+:func:`demar.train.train` runs inside one MLflow run of the experiment
+``demar-<preset>`` (params = the resolved configs, flattened; tags for the git
+commit, dirty tree, DVC stage, row and seed; system metrics).
 
 Inputs: ``data/latents`` and, for the sample grids, ``models/tokenizer.pt``
 (optional). Outputs: ``models/<row>/`` (``model.pt``, ``checkpoints/last.pt``,
 ``metrics.jsonl``) and ``metrics/train/<row>.json``. A killed run resumes from its
-last checkpoint when started again (declare ``models/<row>`` ``persist: true``).
+last checkpoint when started again (declare ``models/<row>`` ``persist: true``) if
+the params and the training code are unchanged; otherwise it starts afresh.
 
 Single process: ``python -m pipelines.train --row demar``. Several processes or
 nodes: ``torchrun --nproc_per_node 8 -m pipelines.train --row demar`` (see
@@ -22,50 +24,41 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from demar.config import ConfigError, load_yaml, validate
-from demar.io import write_json
+from demar.io import ensure_writable, remove_stale_temporaries, write_json
 from demar.params import Params
 from demar.tracking import check_tracking, stage_run
-from demar.train import RowConfig, row_model_config, row_train_config, train
+from demar.train import train
+from pipelines import load_stage_params, run_stage
 
 
 
-def resolve(params: dict[str, Any], row_name: str, source: str) -> dict[str, Any]:
-    """Validate everything the stage reads; errors name the key at fault.
-
-    Returns:
-        ``{"preset", "row", "model", "train", "tracking"}`` as config objects.
-    """
-    whole = validate(Params, params, source=source)  # the whole file: unknown keys anywhere are errors
-    preset = whole.preset
-    rows = params.get("rows") or {}
-    if row_name not in rows:
-        known = ", ".join(map(str, rows)) or "none"
-        raise ConfigError(f"invalid configuration in {source}:\n  rows.{row_name}: unknown row (known: {known})")
-    row = validate(RowConfig, rows[row_name], source=source, prefix=f"rows.{row_name}")
-    train_cfg = row_train_config(row, params.get("train"), source=source)
-    model_cfg = row_model_config(row, params.get("model"), source=source)
-    tracking = whole.tracking
-    return {"preset": preset, "row": row, "model": model_cfg, "train": train_cfg, "tracking": tracking}
+def resolve(params: Params, row_name: str) -> dict[str, Any]:
+    """The configs of row ``row_name``: ``{"preset", "row", "model", "train", "tracking"}``."""
+    row = params.row(row_name)
+    return {
+        "preset": params.preset,
+        "row": row,
+        "model": params.row_model(row_name),
+        "train": params.row_train(row_name),
+        "tracking": params.tracking,
+    }
 
 
 def tokenizer_decoder(path: Path, model_cfg: Any, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """``tokens [B, N, d] -> images [B, 3, H, W]`` through the tokenizer at ``path``."""
-    from demar.model import unpatchify
+    from demar.model import decode_tokens
     from demar.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(path, map_location=device)
 
     def decode(tokens: torch.Tensor) -> torch.Tensor:
-        latents = unpatchify(tokens.float(), model_cfg.patch_size, model_cfg.latent_channels)  # [B, C, h, w]
-        return tokenizer.decode(latents)  # [B, 3, H, W]
+        return decode_tokens(tokens, tokenizer, model_cfg)  # [B, 3, H, W]
 
     return decode
 
@@ -81,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    cfg = resolve(load_yaml(args.params), args.row, args.params)
+    cfg = resolve(load_stage_params(args.params), args.row)
     row, model_cfg, train_cfg, tracking = cfg["row"], cfg["model"], cfg["train"], cfg["tracking"]
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:  # a read-only output is an error now, not after training
+        ensure_writable(Path(args.models) / args.row, args.metrics)
+        remove_stale_temporaries(args.metrics)  # the row's folder is cleaned by train()
     track = tracking.enabled and is_main
     if track:
         check_tracking()
@@ -144,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main, "train")

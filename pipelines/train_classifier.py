@@ -13,7 +13,6 @@ accuracy, ``train_accuracy``, image counts, ``params_total``, ``wall_s``).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -21,18 +20,17 @@ import torch
 
 from demar.classifier import (
     EXTRACTOR_NAME,
-    ClassifierConfig,
     class_accuracy,
     dataset_to_tensors,
     predict,
     save_classifier,
     train_classifier,
 )
-from demar.config import ConfigError, load_yaml, validate
+from demar.config import ConfigError
 from demar.data.embedded import EmbeddedDataset
 from demar.io import torch_save, write_json
 from demar.tracking import stage_run
-from pipelines import stage_settings
+from pipelines import load_stage_params, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,10 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = p.parse_args(argv)
 
-    params = load_yaml(args.params)
-    cfg = validate(ClassifierConfig, params.get("classifier"), source=args.params, prefix="classifier")
-    preset, tracking = stage_settings(params, args.params)
-    extractor = (params.get("evaluate") or {}).get("extractor", EXTRACTOR_NAME)
+    params = load_stage_params(args.params)
+    cfg, preset, tracking = params.classifier, params.preset, params.tracking
+    extractor = params.evaluate.extractor
     if extractor != EXTRACTOR_NAME:  # e.g. ImageNet: evaluation uses Inception, no domain classifier
         note = f"not trained: evaluate.extractor is {extractor!r}, not {EXTRACTOR_NAME!r}"
         torch_save({"skipped": note}, args.out)
@@ -102,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main, "train_classifier")

@@ -16,15 +16,12 @@ file) and ``metrics/tokenizer.json``. A killed training resumes from
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from demar.config import load_section, load_yaml
-from demar.data import DataConfig
 from demar.io import write_json
-from demar.tokenizer_train import TokenizerStageConfig, build_tokenizer, reconstruction_grid, reference_images
+from demar.tokenizer_train import build_tokenizer, reconstruction_grid, reference_images
 from demar.tracking import stage_run
-from pipelines import add_threads_argument, apply_threads, stage_settings
+from pipelines import add_threads_argument, apply_threads, load_stage_params, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     apply_threads(args.threads)
 
-    data_cfg = load_section(args.params, "data", DataConfig)
-    cfg = load_section(args.params, "tokenizer", TokenizerStageConfig)
-    preset, tracking = stage_settings(load_yaml(args.params), args.params)
+    config = load_stage_params(args.params)
+    data_cfg, cfg, preset, tracking = config.data, config.tokenizer, config.preset, config.tracking
     data_dir = Path(args.data or f"data/{data_cfg.kind}")
     params = {"tokenizer": cfg.model_dump(mode="json"), "data.kind": data_cfg.kind}
     with stage_run(
@@ -82,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main, "train_tokenizer")

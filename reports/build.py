@@ -1,6 +1,6 @@
 """Build every report from the stages' metric files: ``python -m reports.build``.
 
-Reads ``params.yaml`` (its ``rows:`` and optional ``report:`` section), the metric
+Reads ``params.yaml`` (validated whole; its ``rows:`` and ``report:`` sections), the metric
 files of every row, the sample grids and the MLflow store, and writes to the
 output folder (``reports/out/`` by default):
 
@@ -23,65 +23,16 @@ from html import escape
 from pathlib import Path
 
 import pandas as pd
-from pydantic import Field
 
-from demar.config import StrictConfig, validate
 from demar.io import atomic_write_text
+from demar.params import Params
 from reports import figures
 from reports.data import RowData, load_row_data
 from reports.html import image_tag, render_page, table_html
 from reports.mlflow_runs import MlflowComparison, compare_runs
 from reports.tables import Table, build_rows_table, build_table2, build_table4, paper_table, to_markdown, write_table
 
-__all__ = ["ReportConfig", "ReportResult", "arg_parser", "build_report", "main", "preset_of"]
-
-DEFAULT_PRESET = "embedded"  # the preset of a params.yaml without a top-level `preset` key
-
-
-def preset_of(params: dict) -> str:
-    """The preset named by a loaded ``params.yaml`` (its top-level ``preset`` key, default ``"embedded"``)."""
-    return str(params.get("preset", DEFAULT_PRESET))
-
-
-class ReportConfig(StrictConfig):
-    """The ``report:`` section of ``params.yaml`` (every key optional).
-
-    Args:
-        confidence: coverage of the t-intervals over seeds (default 0.95).
-        table4_sizes: the sizes shown in Table 4; None shows every size run with two
-            ablations or more (default None).
-        ours_with_cfg: our evaluation samples with classifier-free guidance, so Table 2
-            puts our numbers in the guided columns (default True).
-        paper_overlay: Figure 4b gets a second panel with the paper's B/L/H points (default True).
-        figure_dpi: resolution of the PNG figures (default 150).
-        grid_max_px: longest side of a sample grid in the HTML page; None embeds it as
-            it is (default 768).
-        mlflow_metrics: metrics shown in the MLflow comparison, those present
-            (default the train and evaluate headline metrics).
-        curve_metric: the training metric drawn from MLflow's history; None draws no
-            curves (default ``"loss"``).
-    """
-
-    confidence: float = Field(0.95, gt=0.0, lt=1.0)
-    table4_sizes: tuple[str, ...] | None = None
-    ours_with_cfg: bool = True
-    paper_overlay: bool = True
-    figure_dpi: int = Field(150, ge=50)
-    grid_max_px: int | None = Field(768, ge=64)
-    mlflow_metrics: tuple[str, ...] = (
-        "loss",
-        "tokens_per_s",
-        "wall_s",
-        "fid",
-        "is",
-        "precision",
-        "recall",
-        "kid",
-        "class_accuracy",
-        "sec_per_image",
-    )
-    curve_metric: str | None = "loss"
-
+__all__ = ["ReportResult", "arg_parser", "build_report", "main"]
 
 @dataclass(frozen=True)
 class ReportResult:
@@ -119,7 +70,7 @@ def _grids_html(rows: list[RowData], max_px: int | None) -> str:
 
 
 def build_report(
-    params_path: str | os.PathLike[str] = "params.yaml",
+    params_path: Params | str | os.PathLike[str] = "params.yaml",
     metrics_dir: str | os.PathLike[str] = "metrics",
     samples_dir: str | os.PathLike[str] = "samples",
     out_dir: str | os.PathLike[str] = "reports/out",
@@ -130,7 +81,7 @@ def build_report(
     """Build all tables, figures, the MLflow comparison and the HTML page.
 
     Args:
-        params_path: ``params.yaml`` (default ``"params.yaml"``).
+        params_path: the loaded params (:class:`demar.params.Params`) or the params file.
         metrics_dir: the stages' metric folder (default ``"metrics"``).
         samples_dir: the sample grids' folder (default ``"samples"``).
         out_dir: where the reports go (default ``"reports/out"``).
@@ -143,8 +94,7 @@ def build_report(
         demar.config.ConfigError: ``params.yaml`` is invalid.
     """
     params, rows = load_row_data(params_path, metrics_dir, samples_dir)
-    cfg = validate(ReportConfig, params.get("report"), source=str(params_path), prefix="report")
-    preset = preset_of(params)
+    cfg, preset = params.report, params.preset
     out = Path(out_dir)
     outputs: list[Path] = []
     notes: list[str] = []
@@ -190,12 +140,14 @@ def build_report(
         )
     for paths in fig_paths.values():
         outputs += paths.values()
+    outputs += figures.write_plot_data(rows, comparison.curves, out)  # the series `dvc plots` draws
 
     no_grid = [r.name for r in rows if r.grid is None]
     if no_grid:
         notes.append(f"no sample grid ({Path(samples_dir)}/<row>/grid.png) for rows: {', '.join(no_grid)}")
 
-    overview = f"<p>Preset <b>{escape(preset)}</b>, {len(rows)} rows from {escape(str(params_path))}.</p>"
+    source = "params.yaml" if isinstance(params_path, Params) else str(params_path)
+    overview = f"<p>Preset <b>{escape(preset)}</b>, {len(rows)} rows from {escape(source)}.</p>"
     overview += "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
     figure_html = "".join(
         f"<figure>{image_tag(paths['png'], title)}<figcaption>{escape(title)}</figcaption></figure>"

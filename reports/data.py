@@ -14,13 +14,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
-from demar.config import ConfigError, load_yaml, validate
 from demar.io import read_json
 from demar.model import ABLATION_ROWS
+from demar.params import Params, RowConfig, load_params
 from demar.sizes import SIZES
 
 __all__ = [
@@ -30,16 +28,12 @@ __all__ = [
     "SIZE_ORDER",
     "MissingMetricsError",
     "RowData",
-    "RowRef",
     "StaleMetricsError",
     "family_of",
     "load_row_data",
-    "load_rows",
     "metric_values",
     "size_key",
 ]
-
-Ablation = Literal["mar", "diff_head", "de_head", "demar"]
 
 # Table 4's rows, in the paper's order, and their (transformer diffusion head, denoising head)
 # switches, both from the model's own table.
@@ -68,32 +62,13 @@ class StaleMetricsError(ValueError):
     """A metric file disagrees with ``params.yaml`` about its row (re-run that row's stage)."""
 
 
-class RowRef(BaseModel):
-    """The keys of one ``rows.<name>`` entry that the reports read.
-
-    The full schema of a row belongs to the stages that consume it; the reports
-    ignore the other keys.
-
-    Args:
-        ablation: one of ``mar``, ``diff_head``, ``de_head``, ``demar``.
-        size: a size of the registry (``tiny``, ``small``, ``B``, ``L``, ``H``).
-        seed: the row's seed.
-    """
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    ablation: Ablation
-    size: str
-    seed: int
-
-
 @dataclass(frozen=True)
 class RowData:
     """Everything the stages wrote for one row.
 
     Args:
         name: the row's key in ``params.yaml``.
-        ref: its ablation, size and seed.
+        ref: its ``rows.<name>`` entry (ablation, size, seed, guidance).
         train: the content of ``metrics/train/<row>.json``.
         evaluate: the content of ``metrics/evaluate/<row>.json``.
         time_fid: the content of ``metrics/time_fid/<row>.json``, or None (rows outside a family).
@@ -101,7 +76,7 @@ class RowData:
     """
 
     name: str
-    ref: RowRef
+    ref: RowConfig
     train: dict[str, Any]
     evaluate: dict[str, Any]
     time_fid: dict[str, Any] | None
@@ -123,20 +98,7 @@ def size_key(size: str) -> tuple[int, str]:
     return (SIZE_ORDER.index(size) if size in SIZE_ORDER else len(SIZE_ORDER), size)
 
 
-def load_rows(params: dict[str, Any], source: str = "params.yaml") -> dict[str, RowRef]:
-    """Validate the ``rows:`` mapping of a loaded ``params.yaml``.
-
-    Args:
-        params: the whole params mapping.
-        source: the file it came from, quoted in errors (default ``"params.yaml"``).
-    """
-    rows = params.get("rows")
-    if not isinstance(rows, dict) or not rows:
-        raise ConfigError(f"{source}: 'rows' must be a non-empty mapping of row name -> row entry")
-    return {str(name): validate(RowRef, entry, source=source, prefix=f"rows.{name}") for name, entry in rows.items()}
-
-
-def _check_agrees(path: Path, data: dict[str, Any], name: str, ref: RowRef) -> None:
+def _check_agrees(path: Path, data: dict[str, Any], name: str, ref: RowConfig) -> None:
     expected = {"row": name, "ablation": ref.ablation, "size": ref.size, "seed": ref.seed}
     for key, want in expected.items():
         if key in data and data[key] != want:
@@ -147,26 +109,28 @@ def _check_agrees(path: Path, data: dict[str, Any], name: str, ref: RowRef) -> N
 
 
 def load_row_data(
-    params_path: str | os.PathLike[str],
+    params: Params | str | os.PathLike[str],
     metrics_dir: str | os.PathLike[str],
     samples_dir: str | os.PathLike[str],
-) -> tuple[dict[str, Any], list[RowData]]:
-    """Read ``params.yaml`` and every metric file of its rows.
+) -> tuple[Params, list[RowData]]:
+    """Read every metric file of the rows of ``params``.
 
     Args:
-        params_path: ``params.yaml``.
+        params: the loaded params, or the params file to load (:func:`demar.params.load_params`).
         metrics_dir: the folder holding ``train/``, ``evaluate/`` and ``time_fid/``.
         samples_dir: the folder holding ``<row>/grid.png``.
 
     Returns:
-        The params mapping and one :class:`RowData` per row, in ``params.yaml`` order.
+        The params and one :class:`RowData` per row, in ``params.yaml`` order.
 
     Raises:
         MissingMetricsError: some metric file is missing (all of them are named).
         StaleMetricsError: a metric file disagrees with ``params.yaml``.
     """
-    params = load_yaml(params_path)
-    rows = load_rows(params, str(params_path))
+    params_path = "params.yaml" if isinstance(params, Params) else params
+    if not isinstance(params, Params):
+        params = load_params(params)
+    rows = params.rows
     metrics_dir, samples_dir = Path(metrics_dir), Path(samples_dir)
 
     missing: list[Path] = []

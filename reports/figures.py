@@ -19,11 +19,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from demar.io import atomic_write_bytes
+from demar.io import atomic_write_bytes, atomic_write_text
 from reports.data import FAMILIES, RowData, metric_values, size_key
 from reports.stats import summarize
 
-__all__ = ["FAMILY_COLORS", "figure4a", "figure4b", "save_figure", "time_fid_curves", "training_curves"]
+__all__ = [
+    "FAMILY_COLORS",
+    "figure4a",
+    "figure4b",
+    "save_figure",
+    "time_fid_curves",
+    "training_curves",
+    "write_plot_data",
+]
 
 FAMILY_COLORS = {"MAR": "tab:blue", "De-MAR": "tab:red"}
 MARKERS = ("o", "s", "^", "D", "v")
@@ -219,4 +227,40 @@ def save_figure(
         path = Path(out_dir) / f"{stem}.{fmt}"
         atomic_write_bytes(path, buf.getvalue())
         paths[fmt] = path
+    return paths
+
+
+def _write_csv(path: Path, header: Sequence[str], records: Sequence[Sequence[object]]) -> Path:
+    lines = [",".join(header)] + [",".join(repr(v) if isinstance(v, float) else str(v) for v in r) for r in records]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def write_plot_data(
+    rows: list[RowData], curves: dict[str, list[tuple[int, float]]], out_dir: str | os.PathLike[str]
+) -> list[Path]:
+    """The data behind the figures as CSV series for ``dvc plots``: one file, hence one plot, per row.
+
+    Writes ``<out_dir>/train_curves/<row>.csv`` (``step,value``: the training curve
+    metric) and ``<out_dir>/time_fid/<row>.csv`` (``sec_per_image,fid,ar_steps,diffusion_steps``,
+    sorted by time; rows with time-vs-FID points only).
+
+    Args:
+        rows: every row's data.
+        curves: row name -> (step, value) pairs, as :func:`training_curves` takes them.
+        out_dir: the report folder.
+    """
+    out = Path(out_dir)
+    paths = []
+    for name, pts in sorted(curves.items()):
+        paths.append(_write_csv(out / "train_curves" / f"{name}.csv", ("step", "value"), sorted(pts)))
+    for row in rows:
+        points = [
+            (pt["sec_per_image"], pt["fid"], pt["ar_steps"], pt["diffusion_steps"])
+            for pt in (row.time_fid or {}).get("points", [])
+            if pt.get("sec_per_image") is not None and pt.get("fid") is not None
+        ]
+        if points:
+            header = ("sec_per_image", "fid", "ar_steps", "diffusion_steps")
+            paths.append(_write_csv(out / "time_fid" / f"{row.name}.csv", header, sorted(points)))
     return paths

@@ -14,7 +14,6 @@ from demar.classifier import (
     ClassifierConfig,
     ClassifierFeatureExtractor,
     ShapeClassifier,
-    as_uint8,
     class_accuracy,
     dataset_to_tensors,
     load_classifier,
@@ -113,13 +112,6 @@ def test_dataset_to_tensors_reads_the_embedded_split(tmp_path):
     assert images.dtype == torch.uint8 and images.shape == (12, 3, 32, 32)
     assert torch.equal(images, torch.from_numpy(ds.images[:12].copy()))
     assert labels.tolist() == ds.labels[:12].tolist()
-
-
-def test_as_uint8_maps_the_pixel_range():
-    x = torch.tensor([-1.0, 0.0, 1.0, 2.0])
-    assert as_uint8(x).tolist() == [0, 128, 255, 255]
-    u = torch.tensor([3, 200], dtype=torch.uint8)
-    assert as_uint8(u) is u
 
 
 def test_feature_extractor_through_torch_fidelity(tmp_path, shapes, trained):

@@ -22,18 +22,11 @@ import torch
 import yaml
 from PIL import Image
 
-from demar.generate import (
-    GenerateConfig,
-    GeneratedImages,
-    GenerateMismatchError,
-    SampleStageConfig,
-    TimeFidConfig,
-    class_labels,
-    generate,
-    sweep_steps,
-)
+from demar.generate import GenerateConfig, GenerateMismatchError, SampleStageConfig, class_labels, generate
+from demar.images import GeneratedImages
 from demar.model import DeMAR, ModelConfig, load_model, save_checkpoint
 from demar.sampler import SampleSettings
+from demar.time_fid import TimeFidConfig, sweep_steps
 from demar.tokenizer import Tokenizer, TokenizerConfig
 
 NUM_CLASSES = 4
@@ -247,6 +240,70 @@ def test_other_settings_in_the_folder_are_an_error_or_a_restart(weights, tmp_pat
     assert result.timing["measured_batches"] == 1 and result.timing["warmup_batches"] == 0
 
 
+def test_a_code_change_resamples_every_batch_and_says_so(weights, tmp_path, monkeypatch, capsys):
+    import demar.generate
+
+    model, tok = load_model(weights / "model.pt"), Tokenizer.load(weights / "tokenizer.pt")
+    cfg = gen_cfg(num_images=8)
+    generate(model, tok, cfg, tmp_path, num_classes=NUM_CLASSES, progress=False, stop_after=1)
+    # Unchanged code: the rerun resumes, recomputing only the unfinished batch.
+    resumed = generate(model, tok, cfg, tmp_path, num_classes=NUM_CLASSES, progress=False)
+    assert (resumed.skipped_batches, resumed.computed_batches) == (1, 1)
+    before = png_bytes(tmp_path)
+
+    # A behaviour-changing edit of a module that draws the images changes the code digest.
+    real = demar.generate.code_digest
+    monkeypatch.setattr(demar.generate, "code_digest", lambda *modules: "edited-" + real(*modules))
+    with pytest.raises(GenerateMismatchError, match="code"):
+        generate(model, tok, cfg, tmp_path, num_classes=NUM_CLASSES, progress=False)
+    capsys.readouterr()
+    # Never mixed: the old images are gone before any new one is drawn.
+    generate(model, tok, cfg, tmp_path, num_classes=NUM_CLASSES, progress=False, on_mismatch="restart", stop_after=0)
+    assert png_bytes(tmp_path) == {}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "code" in err[0] and "afresh" in err[0] and str(tmp_path) in err[0]
+    redone = generate(model, tok, cfg, tmp_path, num_classes=NUM_CLASSES, progress=False, on_mismatch="restart")
+    assert (redone.skipped_batches, redone.computed_batches) == (0, 2)
+    assert png_bytes(tmp_path) == before  # the simulated edit changes no behaviour, so the same bytes
+    assert json.loads((tmp_path / "manifest.json").read_text())["key"]["code"].startswith("edited-")
+
+
+def test_the_image_identity_covers_the_code_that_draws_and_decodes():
+    from demar.generate import IMAGE_CODE
+    from demar.identity import project_modules
+
+    modules = set(project_modules(*IMAGE_CODE))
+    assert {
+        "demar.sampler", "demar.backbone", "demar.model", "demar.mlp_head", "demar.transformer_head",
+        "demar.denoising_head", "demar.diffusion", "demar.tokenizer", "demar.images", "demar.rng",
+    } <= modules  # fmt: skip
+
+
+def test_model_files_are_checked_against_the_row(weights, tmp_path):
+    from pipelines.sample import ModelFileError, load_row_model
+
+    expected = load_model(weights / "model.pt").cfg
+    model = load_row_model(weights / "model.pt", expected, "r0", use_ema=True, device=torch.device("cpu"))
+    assert model.cfg == expected
+
+    def refused(path: Path, match: str) -> str:
+        with pytest.raises(ModelFileError, match=match) as err:
+            load_row_model(path, expected, "r0", use_ema=True, device=torch.device("cpu"))
+        assert str(path) in str(err.value)
+        return str(err.value)
+
+    refused(tmp_path / "absent.pt", "not found")
+    (tmp_path / "text.pt").write_bytes(b"model weights, honestly\n" * 10)
+    refused(tmp_path / "text.pt", "")
+    data = (weights / "model.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    refused(tmp_path / "truncated.pt", "")
+    other = DeMAR(expected.model_copy(update={"diffusion_head": "mlp", "denoising_head": False}))
+    save_checkpoint(tmp_path / "other.pt", other)
+    message = refused(tmp_path / "other.pt", "rows.r0")
+    assert "diffusion_head" in message and "denoising_head" in message and "transformer" in message
+
+
 def test_shards_hold_the_same_pixels_as_pngs(weights, reference_run, tmp_path):
     out, _ = reference_run
     model, tok = load_model(weights / "model.pt"), Tokenizer.load(weights / "tokenizer.pt")
@@ -268,15 +325,9 @@ def write_repo(root: Path, weights: Path, **sections) -> Path:
     (root / "models" / "tokenizer.pt").write_bytes((weights / "tokenizer.pt").read_bytes())
     params = {
         "preset": "embedded",
-        "rows": {"r0": {"ablation": "demar", "size": "tiny", "seed": 5}},
-        "sample": {
-            "num_images": 8,
-            "batch_size": 4,
-            "sampler": SETTINGS,
-            "grid_size": 4,
-            "untrained_num_images": 4,
-            "cfg_by_size": {"tiny": 1.5, "B": 2.9},
-        },
+        "model": {"token_dim": 4, "seq_len": 64, "num_classes": NUM_CLASSES},
+        "rows": {"r0": {"ablation": "demar", "size": "tiny", "seed": 5, "cfg": 1.5}},
+        "sample": {"num_images": 8, "batch_size": 4, "sampler": SETTINGS, "grid_size": 4, "untrained_num_images": 4},
         **sections,
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -319,6 +370,26 @@ def test_sample_stage_writes_trained_and_untrained_sets(weights, tmp_path, mlflo
         sample.main(["--row", "r0", "--no-progress", "--no-mlflow"])
 
 
+def test_sample_stage_refuses_a_broken_model_file_in_one_line(weights, tmp_path, monkeypatch, capsys):
+    root = write_repo(tmp_path, weights)
+    monkeypatch.chdir(root)
+    data = (root / "models" / "r0" / "model.pt").read_bytes()
+    (root / "models" / "r0" / "model.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(SystemExit) as exit_:
+        run_sample_stage(["--row", "r0", "--no-progress", "--no-mlflow"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "models/r0/model.pt" in err[0]
+    assert not (root / "samples").exists()
+
+
+def run_sample_stage(argv: list[str]) -> None:
+    """Run the sample stage as its ``__main__`` does (``run_stage``), in this process."""
+    from pipelines import run_stage, sample
+
+    run_stage(lambda: sample.main(argv), "sample")
+
+
 def test_time_fid_stage_writes_one_point_per_step_pair(weights, tmp_path, mlflow_uri, monkeypatch):
     from demar.classifier import ClassifierConfig, ShapeClassifier, save_classifier
     from pipelines import time_fid
@@ -354,6 +425,32 @@ def test_time_fid_stage_writes_one_point_per_step_pair(weights, tmp_path, mlflow
     assert time_fid.main(["--row", "r0", "--no-progress", "--no-mlflow"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in scratch.iterdir()} == before
     assert json.loads((root / "metrics" / "time_fid" / "r0.json").read_text())["points"] == out["points"]
+
+
+def test_sweep_recomputes_a_point_whose_code_changed(weights, tmp_path, monkeypatch, capsys):
+    import demar.time_fid
+
+    model, tok = load_model(weights / "model.pt"), Tokenizer.load(weights / "tokenizer.pt")
+    calls = []
+
+    def score(images: GeneratedImages) -> float:
+        calls.append(len(images))
+        return 1.0
+
+    sweep = TimeFidConfig(ar_steps=(2,), diffusion_steps=(2,), num_images=4)
+    base = gen_cfg(num_images=4)
+    kwargs = {"num_classes": NUM_CLASSES, "score": score, "progress": False}
+    first = sweep_steps(model, tok, base, sweep, tmp_path, **kwargs)
+    assert sweep_steps(model, tok, base, sweep, tmp_path, **kwargs) == first and calls == [4]  # reused
+    real = demar.time_fid.code_digest
+    monkeypatch.setattr(demar.time_fid, "code_digest", lambda *modules: "edited-" + real(*modules))
+    capsys.readouterr()
+    sweep_steps(model, tok, base, sweep, tmp_path, **kwargs)
+    assert calls == [4, 4]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ar0002_diff0002.json" in err[0] and "code" in err[0]
+    record = json.loads((tmp_path / "ar0002_diff0002.json").read_text())
+    assert record["key"]["code"].startswith("edited-")
 
 
 def test_sweep_scores_each_point_with_the_given_function(weights, tmp_path):

@@ -11,12 +11,11 @@ from torch._dynamo.utils import counters
 
 from demar.diffusion import DiffusionConfig
 from demar.diffusion_head import DiffusionHead
-from demar.mlp_head import MLPHead, MLPHeadConfig, mlp_head_param_count
+from demar.mlp_head import MLPHead, MLPHeadConfig
 from demar.transformer_head import (
     TransformerHead,
     TransformerHeadConfig,
     attend,
-    transformer_head_param_count,
 )
 
 D_TOKEN, D_COND, N, M, B = 4, 24, 10, 5, 3
@@ -235,30 +234,20 @@ def test_zero_initialised_output(kind: str) -> None:
     assert torch.all(out == 0)
 
 
-def test_parameter_formulas() -> None:
-    for depth, width, cond in ((2, 32, 24), (3, 48, 48)):
-        mlp = MLPHead(MLPHeadConfig(depth=depth, width=width), token_dim=D_TOKEN, cond_dim=cond)
-        assert sum(p.numel() for p in mlp.parameters()) == mlp_head_param_count(depth, width, D_TOKEN, cond)
-        tr = TransformerHead(
-            TransformerHeadConfig(depth=depth, width=width, num_heads=4, mlp_ratio=3.0),
-            token_dim=D_TOKEN,
-            cond_dim=cond,
-        )
-        assert sum(p.numel() for p in tr.parameters()) == transformer_head_param_count(
-            depth, width, D_TOKEN, cond, mlp_ratio=3.0
-        )
-    # MAR-B's MLP head inside MAR-B (208M in all).
-    assert mlp_head_param_count(6, 1024, 16, 768) == 35_749_920
+def test_parameter_counts() -> None:
+    # MAR-B's MLP head (6 x 1024, d = 16, D = 768) inside MAR-B (208M in all).
+    mar_b = MLPHead(MLPHeadConfig(depth=6, width=1024), token_dim=16, cond_dim=768)
+    assert sum(p.numel() for p in mar_b.parameters()) == 35_749_920
     small = MLPHead(
         MLPHeadConfig(depth=1, width=8), token_dim=2, cond_dim=4, diffusion=DiffusionConfig(learn_sigma=False)
     )
     assert small.final_layer.linear.out_features == 2
-    assert sum(p.numel() for p in small.parameters()) == mlp_head_param_count(1, 8, 2, 4, learn_sigma=False)
 
 
 @pytest.mark.parametrize("kind", HEADS)
 def test_grad_checkpointing_changes_nothing(kind: str) -> None:
-    plain, ckpt = make_head(kind), make_head(kind, grad_checkpointing=True)
+    plain, ckpt = make_head(kind), make_head(kind)
+    ckpt.grad_checkpointing = True  # the switch train.grad_checkpointing sets on every checkpointed module
     target, z, z_all = conditions()
     a = plain.loss(target, z, z_all, generator=gen(6))
     b = ckpt.loss(target, z, z_all, generator=gen(6))

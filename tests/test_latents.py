@@ -225,6 +225,7 @@ def test_stages_end_to_end(tmp_path, monkeypatch, mlflow_uri):
                          attn_resolutions: [], z_channels: 4, embed_dim: 4, norm_groups: 4}
           train: {steps: 4, batch_size: 8, warmup_steps: 1, scale_images: 32, eval_batch_size: 16}
         latents: {shard_size: 32, batch_size: 16, device: cpu}
+        rows: {demar: {ablation: demar, size: micro, seed: 0}}
     """)
     )
     assert prepare_data.main(["--no-progress"]) == 0
@@ -247,3 +248,26 @@ def test_stages_end_to_end(tmp_path, monkeypatch, mlflow_uri):
     assert sorted(runs["tags.demar.work"]) == ["extract_latents", "prepare_data", "train_tokenizer"]
     tok_run = runs[runs["tags.demar.work"] == "train_tokenizer"].iloc[0]
     assert tok_run["metrics.psnr"] == pytest.approx(tok["psnr"]) and tok_run["params.tokenizer.train.steps"] == "4"
+
+
+def test_cache_of_other_code_is_discarded_saying_why(setup, tmp_path, capsys):
+    from demar.identity import code_digest
+
+    out = tmp_path / "lat"
+    manifest = _extract(setup, out).manifest
+    assert manifest["code"] == code_digest("demar.latents", "demar.data")
+    write_json(out / "manifest.json", {**manifest, "code": "0" * 64})  # as an earlier version of the code wrote it
+    capsys.readouterr()
+    result = _extract(setup, out)
+    assert "another code; starting over" in capsys.readouterr().err
+    assert result.reused_shards == 0 and result.manifest == manifest
+
+
+def test_rerun_removes_temporaries_of_killed_writes(setup, tmp_path):
+    out = tmp_path / "lat"
+    manifest = _extract(setup, out).manifest
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    debris = out / f".shard_00001.pt.{int(dead.stdout)}.k1ll.tmp"
+    debris.write_bytes(b"half a shard")
+    result = _extract(setup, out)
+    assert not debris.exists() and result.reused_shards == 3 and result.manifest == manifest

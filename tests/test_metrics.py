@@ -17,16 +17,10 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from demar.classifier import EXTRACTOR_NAME, ClassifierConfig, save_classifier, train_classifier
 from demar.data.embedded import EmbeddedConfig, generate, write_split
-from demar.metrics import (
-    CorruptImageError,
-    EvaluateConfig,
-    ExtractorSpec,
-    MissingFileError,
-    compute_metrics,
-    load_reference,
-    open_images,
-    reference_identity,
-)
+from demar.images import CorruptImageError, MissingFileError
+from demar.image_sets import open_images, reference_identity
+from demar.metrics import EvaluateConfig, ExtractorSpec, compute_metrics
+from demar.reference_stats import load_reference
 
 N_REF = 200
 N_GEN = 100

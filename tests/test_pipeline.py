@@ -70,11 +70,83 @@ def _dvc(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
     return subprocess.run([str(dvc), *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+def _git(args: list[str], cwd: Path) -> str:
+    proc = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _verify(repo: Path, env: dict[str, str]) -> tuple[int, dict[str, str], str]:
+    """``demar verify`` in ``repo``: (exit status, {stage: verdict}, output)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "demar.cli", "verify"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    verdicts = {}
+    for line in proc.stdout.splitlines():
+        if line and not line.startswith(" ") and "  " in line:
+            stage, verdict = line.split(None, 1)
+            verdicts[stage] = verdict.split(";")[0]
+    return proc.returncode, verdicts, proc.stdout + proc.stderr
+
+
+def _check_metrics_plots_and_verify(repo: Path, env: dict[str, str]) -> None:
+    """Metrics committed to git, `dvc plots`, `dvc metrics diff` and `demar verify` on a reproduced run."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        declared = {o.def_path for s in dvc_repo.index.stages for o in s.outs}
+    in_metrics = set(_git(["ls-files", "--cached", "--others", "--exclude-standard", "metrics"], repo).split())
+    assert in_metrics and in_metrics <= declared, f"undeclared files in metrics/: {in_metrics - declared}"
+    _git(["add", "-A"], repo)
+    _git(["commit", "-qm", "reproduced"], repo)
+    committed = set(_git(["ls-files", "metrics"], repo).split())
+    assert {"metrics/tokenizer.json", "metrics/train/mar.json", "metrics/evaluate/demar.json",
+            "metrics/time_fid/mar.json"} <= committed, committed  # fmt: skip
+
+    status, verdicts, out = _verify(repo, env)
+    assert status == 0 and set(verdicts.values()) == {"identical"}, out
+    assert {"train_tokenizer", "train@mar", "evaluate@demar", "report"} <= set(verdicts), out
+
+    shown = _dvc(["plots", "show", "-o", "dvc_plots"], repo, env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    assert "fig4a_time_fid.png" in page and "fig_train_curves.png" in page
+    series = _dvc(["plots", "show", "--json"], repo, env)
+    assert series.returncode == 0, series.stderr
+    data = json.dumps(json.loads(series.stdout))
+    for name in ("train_curves/mar.csv", "train_curves/demar.csv", "time_fid/mar.csv"):
+        assert name in data, f"{name} is not among the plots"
+
+    # A re-run of a stage reproduces it: identical, or within the stated tolerances.
+    rerun = _dvc(["repro", "-f", "-s", "evaluate@mar"], repo, env)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    status, verdicts, out = _verify(repo, env)
+    assert status == 0 and verdicts["evaluate@mar"] in ("identical", "within tolerance"), out
+
+    # A result that moved is caught, by `dvc metrics diff` and by the check.
+    path = repo / "metrics" / "evaluate" / "mar.json"
+    record = json.loads(path.read_text())
+    record["fid"] = 2 * record["fid"] + 1
+    path.write_text(json.dumps(record))
+    assert _dvc(["commit", "-f", "evaluate@mar"], repo, env).returncode == 0
+    diff = _dvc(["metrics", "diff", "HEAD", "--json"], repo, env)
+    assert diff.returncode == 0, diff.stderr
+    assert "fid" in json.loads(diff.stdout)["metrics/evaluate/mar.json"], diff.stdout
+    status, verdicts, out = _verify(repo, env)
+    assert status == 1 and verdicts["evaluate@mar"] == "differs" and "fid" in out, out
+    assert verdicts["evaluate@demar"] == "identical", out
+    _git(["checkout", "-q", "HEAD", "--", "metrics", "dvc.lock"], repo)
+    shutil.rmtree(repo / "dvc_plots")
+
+
 @pytest.mark.slow
 def test_smoke_dvc_repro_end_to_end(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     _copy_repository(repo)
+    shutil.rmtree(repo / "metrics", ignore_errors=True)  # the committed embedded run's; the smoke run writes its own
     apply_preset("smoke", repo / "params.yaml", repo / "presets")
     env = {
         **os.environ,
@@ -105,16 +177,18 @@ def test_smoke_dvc_repro_end_to_end(tmp_path):
     assert runs["tags.demar.repro_id"].nunique() == 1
     mlflow.set_tracking_uri(None)
 
+    _check_metrics_plots_and_verify(repo, env)
+
     # A second repro does nothing.
     start = time.perf_counter()
     again = _dvc(["repro"], repo, env)
     assert again.returncode == 0 and "up to date" in again.stdout, again.stdout
     assert time.perf_counter() - start < 60
 
-    # Changing one row's param re-runs only that row's stages and the report.
+    # Changing one row's param re-runs only the params check, that row's stages and the report.
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["rows"]["mar"]["seed"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = _dvc(["status", "--json"], repo, env)
     changed = set(json.loads(status.stdout))
-    assert changed == {"train@mar", "sample@mar", "evaluate@mar", "time_fid@mar", "report"}, changed
+    assert changed == {"check_params", "train@mar", "sample@mar", "evaluate@mar", "time_fid@mar", "report"}, changed

@@ -92,7 +92,7 @@ def make_tree(root: Path, seeds: tuple[int, ...] = (0, 1)) -> Path:
     for ablation, fids in TINY_FID.items():
         for seed in seeds:
             name = f"{ablation}_tiny_s{seed}"
-            rows[name] = {"ablation": ablation, "size": "tiny", "seed": seed, "steps": 100}
+            rows[name] = {"ablation": ablation, "size": "tiny", "seed": seed}
             _row_files(root, name, ablation, "tiny", seed, fids[seed])
     for ablation, fid in SMALL_FID.items():
         name = f"{ablation}_small_s0"

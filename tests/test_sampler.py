@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from demar.model import ABLATION_ROWS, DeMAR, ModelConfig
-from demar.sampler import SampleSettings, cfg_at_step, generate, masked_after_step
+from demar.sampler import SampleSettings, cfg_at_step, masked_after_step, sample_tokens
 
 N, D_TOK = 16, 4
 
@@ -51,7 +51,7 @@ def test_schedule_counts_golden():
 def test_per_step_counts_follow_cosine_schedule_and_leave_none_masked(row, num_iter):
     model = make_model(row)
     seen: list[tuple[int, int]] = []
-    result = generate(
+    result = sample_tokens(
         model,
         torch.tensor([1, 2]),
         settings(num_iter=num_iter, diffusion_steps=3),

@@ -9,6 +9,11 @@ a tiny De-MAR trained for a few steps by the real ``train``.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,22 +28,18 @@ from demar.classifier import ClassifierConfig, dataset_to_tensors, save_classifi
 from demar.config import ConfigError
 from demar.data.embedded import EmbeddedConfig, EmbeddedDataset, write_split
 from demar.latents import LatentsConfig, extract_latents
-from demar.studies import (
-    PARENT_RUN_ATTR,
-    StudyConfig,
-    check_space,
-    default_storage,
-    load_study_config,
-    main,
-    make_sampler,
-    open_storage,
-    quotas,
-    redact,
-    resolve_base,
-    run_study,
-)
+from demar.studies.base import check_space, resolve_base
+from demar.studies.cli import main
+from demar.studies.config import StudyConfig, load_study_config
+from demar.studies.objectives import OBJECTIVES
+from demar.studies.report import stored_study_name
+from demar.studies.runner import quotas, run_study
+from demar.studies.search import make_sampler
+from demar.studies.storage import PARENT_RUN_ATTR, TRIAL_RUN_ATTR, default_storage, open_storage, redact
 from demar.tokenizer import Tokenizer, TokenizerConfig, file_sha256
-from demar.train import RowConfig, TrainConfig, row_model_config, train
+from demar.params import RowConfig, row_model_config
+from demar.train import train
+from demar.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "presets" / "embedded.yaml"
@@ -151,7 +152,8 @@ def trial_runs(parent_id: str):
 
 def load(config: Path) -> optuna.Study:
     cfg = load_study_config(config)
-    return optuna.load_study(study_name=cfg.name, storage=open_storage(default_storage(config, cfg.name)))
+    url = default_storage(config, cfg.name)
+    return optuna.load_study(study_name=stored_study_name(cfg, url), storage=open_storage(url))
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -305,8 +307,16 @@ def test_running_again_continues_the_trial_count(tmp_path, assets, session_mlflo
 
 
 @pytest.mark.slow
-def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, assets, session_mlflow):
-    config = write_study(tmp_path / "cfg_test.yaml", assets, n_trials=2, fail_trials=[0])
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, assets, session_mlflow, monkeypatch):
+    sampling = OBJECTIVES["sampling"]
+
+    def first_trial_fails(ctx):
+        if ctx.trial.number == 0:
+            raise RuntimeError("trial 0 fails")
+        return sampling(ctx)
+
+    monkeypatch.setitem(OBJECTIVES, "sampling", first_trial_fails)
+    config = write_study(tmp_path / "cfg_test.yaml", assets, n_trials=2)
     report = run_study(config, work_dir=tmp_path / "work", out_dir=tmp_path / "out", progress=False)
 
     states = {t.number: t.state for t in load(config).trials}
@@ -346,3 +356,100 @@ def test_training_study_reports_intermediate_fid_and_prunes(tmp_path, assets, se
     assert runs.loc["1", "status"] == "KILLED" and runs.loc["1", "tags.demar.trial_state"] == "PRUNED"
     assert report.counts == {"COMPLETE": 1, "PRUNED": 1}
     assert "intermediate_values.png" in {p.name for p in report.files}
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_a_killed_worker_s_trial_is_retried_and_nothing_is_left_running(tmp_path, assets, session_mlflow):
+    # the default heartbeat (60 s) keeps the other worker from failing the trial first
+    config = write_study(tmp_path / "cfg_test.yaml", assets, n_trials=4)
+    paths = ["--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--no-progress"]
+    cmd = [sys.executable, "-m", "demar.studies", "run", "cfg_test", "--config", str(config), "--workers", "2", *paths]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim, deadline = None, time.monotonic() + 600
+    while victim is None and time.monotonic() < deadline:  # a worker in the middle of a trial
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            running = load(config).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        except Exception:  # noqa: BLE001 - the study is not created yet
+            running = []
+        for t in running:
+            if TRIAL_RUN_ATTR in t.user_attrs:  # its MLflow run is open
+                victim = t
+                break
+        time.sleep(0.1)
+    assert victim is not None, "no trial started"
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "worker process(es) failed" in out
+    left = load(config).trials[victim.number]
+    assert left.state == optuna.trial.TrialState.RUNNING  # what a kill leaves behind
+
+    run_study(config, work_dir=tmp_path / "work", out_dir=tmp_path / "out", progress=False)
+    study = load(config)
+    states = Counter(t.state.name for t in study.trials)
+    assert states == {"COMPLETE": 4, "FAIL": 1}  # n_trials complete, the killed one failed
+    assert study.trials[victim.number].state == optuna.trial.TrialState.FAIL
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert retry[0].params == victim.params  # the same point of the space, tried again
+
+    runs = trial_runs(study.user_attrs[PARENT_RUN_ATTR]).set_index("run_id")
+    assert "RUNNING" not in set(runs["status"])
+    assert runs.loc[victim.user_attrs[TRIAL_RUN_ATTR], "status"] == "FAILED"
+    assert set(runs.loc[runs["status"] == "FINISHED", "tags.demar.trial"].astype(int)) == {
+        t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_a_code_or_config_change_starts_a_new_study(tmp_path, assets, session_mlflow, capsys):
+    config = write_study(tmp_path / "cfg_test.yaml", assets, n_trials=1)
+    paths = {"work_dir": tmp_path / "work", "out_dir": tmp_path / "out", "progress": False}
+    run_study(config, **paths)
+    first = load(config)
+    # a behaviour change: the budget (images per score) differs, so earlier trials would not compare
+    write_study(config, assets, n_trials=1, budget={"images": 20})
+    report = run_study(config, **paths)
+    assert "the code or config changed since" in capsys.readouterr().out
+    second = load(config)
+    assert second.study_name != first.study_name and second.study_name.startswith("cfg_test@")
+    assert len(second.trials) == 1 and report.counts == {"COMPLETE": 1}
+    assert second.user_attrs["identity"]["code"] == first.user_attrs["identity"]["code"]
+    assert second.user_attrs["identity"]["config"] != first.user_attrs["identity"]["config"]
+
+
+@pytest.mark.reliability
+def test_dead_workers_trials_are_failed_and_queued_again_live_ones_are_kept(tmp_path):
+    from demar.studies.storage import counted, fail_dead_trials, retry_dead_trial, worker_attrs
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage = open_storage(url, heartbeat_s=3, on_dead=retry_dead_trial)
+    study = optuna.create_study(study_name="s@x", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)  # one complete trial
+    alive, here_dead, elsewhere = study.ask(), study.ask(), study.ask()
+    for t in (alive, here_dead, elsewhere):
+        t.suggest_float("x", 0, 1)
+    for key, value in worker_attrs().items():
+        alive.set_user_attr(key, value)  # this process: alive
+    here_dead.set_user_attr("worker", f"{socket.gethostname()}:{2**22 + 1}")  # no such pid
+    elsewhere.set_user_attr("worker", "another-host:1")  # only its heartbeat can tell
+    storage.record_heartbeat(alive._trial_id)
+    storage.record_heartbeat(elsewhere._trial_id)
+    assert counted(study) == 4
+
+    assert fail_dead_trials(study, retry_dead_trial) == [here_dead.number]  # at once, by its pid
+    time.sleep(8)  # the other host's trial misses its heartbeats for the grace period (6 s; sqlite's clock has 1 s steps)
+    storage.record_heartbeat(alive._trial_id)
+    assert fail_dead_trials(study, retry_dead_trial) == [elsewhere.number]
+
+    trials = study.get_trials()
+    state = {t.number: t.state.name for t in trials}
+    assert state[alive.number] == "RUNNING"
+    assert state[here_dead.number] == state[elsewhere.number] == "FAIL"
+    queued = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in queued) == [here_dead.number, elsewhere.number]
+    assert all("worker" not in t.user_attrs for t in queued)  # a copy never looks dead itself
+    assert {t.params["x"] for t in queued} == {here_dead.params["x"], elsewhere.params["x"]}
+    assert counted(study) == 2  # the failed ones are replaced by their queued copies, which count once taken

@@ -24,19 +24,11 @@ from demar.io import atomic_write_bytes, write_json
 from demar.latents import LatentDataset
 from demar.model import DeMAR, ModelConfig, load_model
 from demar.tokenizer import Tokenizer, TokenizerConfig
-from demar.train import (
-    NonFiniteLossError,
-    RowConfig,
-    StepBatchSampler,
-    TrainConfig,
-    derive_seed,
-    lr_at,
-    param_groups,
-    read_metrics,
-    row_model_config,
-    steps_for,
-    train,
-)
+from demar.batching import StepBatchSampler
+from demar.rng import derive_seed
+from demar.params import RowConfig, row_model_config
+from demar.train import NonFiniteLossError, param_groups, read_metrics, train
+from demar.train_config import TrainConfig, lr_at, steps_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,7 +236,7 @@ def test_train_learns_writes_outputs_and_resumes_after_interruption(latents, tmp
     out = tmp_path / "interrupted"
     with pytest.raises(Stop):
         train(model_cfg, cfg, latents_dir=latents, out_dir=out, callback=stop_at_5, progress=False)
-    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 4, "the last checkpoint before the interruption stays as it was"
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     resumed = train(model_cfg, cfg, latents_dir=latents, out_dir=out, progress=False)
@@ -255,12 +247,14 @@ def test_train_learns_writes_outputs_and_resumes_after_interruption(latents, tmp
     assert_same_weights(weights(resumed.model_path, use_ema=True), weights(full.model_path, use_ema=True))
 
 
-def test_changed_config_starts_fresh_instead_of_resuming(latents, tmp_path):
+def test_changed_config_starts_fresh_instead_of_resuming(latents, tmp_path, capsys):
     model_cfg = tiny_model_cfg("mar")
     train(model_cfg, tiny_train_cfg(epochs=0.5), latents_dir=latents, out_dir=tmp_path / "o", progress=False)
-    with pytest.warns(RuntimeWarning, match=r"train.base_lr"):
-        again = train(model_cfg, tiny_train_cfg(epochs=0.5, base_lr=1e-3), latents_dir=latents,
-                      out_dir=tmp_path / "o", progress=False)  # fmt: skip
+    capsys.readouterr()
+    again = train(model_cfg, tiny_train_cfg(epochs=0.5, base_lr=1e-3), latents_dir=latents,
+                  out_dir=tmp_path / "o", progress=False)  # fmt: skip
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "train.base_lr" in said[0] and "starting a fresh run" in said[0]
     assert again.resumed_from == 0
 
 
@@ -285,7 +279,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"step 3 \(loss=nan, loss_diffusion=nan") as err:
         train(tiny_model_cfg("mar"), cfg, latents_dir=latents, out_dir=out, progress=False)
     assert err.value.step == 3 and math.isnan(err.value.components["loss"])
-    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 2
     model = DeMAR(tiny_model_cfg("mar"))
     model.load_state_dict(ckpt["model"])
@@ -298,7 +292,8 @@ KILL_SCRIPT = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from demar.model import ModelConfig
-    from demar.train import TrainConfig, train
+    from demar.train import train
+    from demar.train_config import TrainConfig
     latents, out, slow = sys.argv[1], sys.argv[2], sys.argv[3] == "slow"
     here = Path(__file__).parent
     model_cfg = ModelConfig.model_validate_json((here / "model.json").read_text())
@@ -324,7 +319,7 @@ def test_sigkill_and_resume_gives_identical_weights(latents, tmp_path):
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
-            if ckpt_file.is_file() and torch.load(ckpt_file, weights_only=False)["step"] >= 4:
+            if ckpt_file.is_file() and torch.load(ckpt_file, weights_only=True)["step"] >= 4:
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "the run finished before it could be killed"
@@ -333,13 +328,13 @@ def test_sigkill_and_resume_gives_identical_weights(latents, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    step_killed = torch.load(ckpt_file, weights_only=False)["step"]
+    step_killed = torch.load(ckpt_file, weights_only=True)["step"]
     assert 4 <= step_killed < 12 and not (killed / "model.pt").exists()
     for out, mode in ((killed, "fast"), (tmp_path / "straight", "fast")):
         subprocess.run([sys.executable, str(script), str(latents), str(out), mode], env=env, cwd=REPO, check=True)
     assert_same_weights(weights(killed / "model.pt"), weights(tmp_path / "straight" / "model.pt"))
     assert_same_weights(weights(killed / "model.pt", True), weights(tmp_path / "straight" / "model.pt", True))
-    a, b = (torch.load(p / "checkpoints" / "last.pt", weights_only=False) for p in (killed, tmp_path / "straight"))
+    a, b = (torch.load(p / "checkpoints" / "last.pt", weights_only=True) for p in (killed, tmp_path / "straight"))
     assert a["step"] == b["step"] == 12
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
@@ -445,7 +440,7 @@ def test_stage_logs_params_metrics_and_tags_to_mlflow(tmp_path, mlflow_uri, monk
         (lambda p: p["model"].update(widht=8), "widht"),
         (lambda p: p["tracking"].update(enabled="sometimes"), "tracking.enabled"),
         (lambda p: p["train"].update(seed=1), "train.seed"),
-        (lambda p: p["rows"].pop("tiny_demar"), "rows.tiny_demar: unknown row"),
+        (lambda p: p["rows"].update(other=p["rows"].pop("tiny_demar")), "rows.tiny_demar: unknown row"),
     ],
 )
 def test_stage_rejects_invalid_params_before_any_work(tmp_path, monkeypatch, edit, message):

@@ -22,12 +22,12 @@ from typing import Any, Literal
 from pydantic import model_validator
 from torch.utils.data import Dataset
 
-from demar.config import StrictConfig
-from demar.data.embedded import EmbeddedConfig, EmbeddedDataset, write_split
-from demar.data.folder import FolderConfig, FolderDataset, read_index, scan, write_index
+from demar.config import ConfigError, StrictConfig
+from demar.data.embedded import SHAPES, EmbeddedConfig, EmbeddedDataset, write_split
+from demar.data.folder import FolderConfig, FolderDataset, class_folders, read_index, scan, write_index
 from demar.io import write_json
 
-__all__ = ["SPLITS", "DataConfig", "open_split", "prepare", "split_fingerprint"]
+__all__ = ["SPLITS", "DataConfig", "check_classes", "open_split", "prepare", "split_fingerprint"]
 
 SPLITS = ("train", "reference")
 
@@ -55,6 +55,25 @@ class DataConfig(StrictConfig):
     def resolution(self) -> int:
         """The image side of the selected data set."""
         return self.embedded.resolution if self.kind == "embedded" else self.imagenet.resolution
+
+
+def check_classes(cfg: DataConfig, num_classes: int) -> None:
+    """Fail before any work if the data set has more classes than the model embeds (``model.num_classes``).
+
+    A label past the class embedding would only fail at the first training step.
+    For a folder, its class sub-folders are listed (no image is decoded); an empty
+    one is an error naming it.
+    """
+    if cfg.kind == "embedded":
+        found, where = len(SHAPES), "data.kind 'embedded' (its shapes)"
+    else:
+        found = len(class_folders(cfg.imagenet.root, cfg.imagenet.extensions))
+        where = f"data.imagenet.root {cfg.imagenet.root}"
+    if found > num_classes:
+        raise ConfigError(
+            f"invalid configuration:\n  model.num_classes: {num_classes}, but {where} has {found} classes; "
+            f"set model.num_classes to {found} or more"
+        )
 
 
 def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str], *, progress: bool = True) -> dict[str, Any]:

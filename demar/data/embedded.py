@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from demar.config import StrictConfig
+from demar.images import to_unit
 from demar.io import atomic_write_bytes, read_json, write_json
 
 __all__ = [
@@ -602,7 +603,7 @@ class EmbeddedDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         image = torch.from_numpy(np.array(self.images[i]))  # uint8 [3, R, R]
         if self.output == "float":
-            image = image.float() / 127.5 - 1.0  # [-1, 1]
+            image = to_unit(image)  # [-1, 1]
         return image, int(self.labels[i]), self.captions[i]
 
 

@@ -33,7 +33,8 @@ from pydantic import Field
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from demar.config import StrictConfig
+from demar.config import ConfigError, StrictConfig
+from demar.images import to_unit
 from demar.io import read_json, write_json
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "FolderDataset",
     "ScanResult",
     "center_crop_adm",
+    "class_folders",
     "load_image",
     "read_index",
     "scan",
@@ -127,16 +129,40 @@ class ScanResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _list_files(root: Path, extensions: Iterable[str]) -> tuple[list[str], list[tuple[str, int]]]:
+def _is_image(path: Path, exts: tuple[str, ...]) -> bool:
+    return path.is_file() and path.name.lower().endswith(exts)
+
+
+def class_folders(
+    root: str | os.PathLike[str], extensions: Iterable[str] = FolderConfig.model_fields["extensions"].default
+) -> list[str]:
+    """The sorted class names of ``root``, found without decoding any image.
+
+    Raises:
+        FileNotFoundError: ``root`` is missing or has no sub-folder.
+        ConfigError: a class folder holds no image file (it would be a class no image shows).
+    """
+    root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     exts = tuple(e.lower() for e in extensions)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise FileNotFoundError(f"{root} has no class sub-folders")
+    for name in classes:
+        if not any(_is_image(p, exts) for p in (root / name).rglob("*")):
+            raise ConfigError(
+                f"class folder {root / name} holds no image ({', '.join(exts)}): add images or remove the folder"
+            )
+    return classes
+
+
+def _list_files(root: Path, extensions: Iterable[str]) -> tuple[list[str], list[tuple[str, int]]]:
+    classes = class_folders(root, extensions)
+    exts = tuple(e.lower() for e in extensions)
     files = []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.name.lower().endswith(exts))
+        found = sorted(p for p in (root / name).rglob("*") if _is_image(p, exts))
         files += [(p.relative_to(root).as_posix(), label) for p in found]
     return classes, files
 
@@ -263,7 +289,7 @@ class FolderDataset(Dataset):
         except BadImageError as err:
             raise BadImageError(f"{err} (it passed the scan: rerun the data stage)") from None
         arr = np.asarray(center_crop_adm(image, self.resolution))  # uint8 [R, R, 3]
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # [3, R, R] in [-1, 1]
+        x = to_unit(torch.from_numpy(arr.copy()).permute(2, 0, 1))  # [3, R, R] in [-1, 1]
         if self.flip_generator is not None and torch.rand(1, generator=self.flip_generator).item() < 0.5:
             x = x.flip(-1)
         return x, label
