@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ from tqdm.auto import tqdm
 from demar.config import StrictConfig
 from demar.data import DataConfig, open_split, split_fingerprint
 from demar.images import to_uint8, to_unit
-from demar.io import torch_save
+from demar.identity import code_digest
+from demar.io import UnreadableFileError, torch_load, torch_save
 from demar.tokenizer import AutoencoderKL, DiagonalGaussian, Tokenizer, TokenizerConfig, load_kl16
 
 __all__ = [
@@ -165,9 +167,18 @@ def train_tokenizer(
     gen = torch.Generator().manual_seed(cfg.seed)
     start, history = 0, []
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    identity = f"{arch.model_dump_json()}|{cfg.model_dump_json()}|{fingerprint}"
-    state = torch.load(ckpt, map_location=device, weights_only=True) if ckpt is not None and ckpt.is_file() else None
-    if state is not None and state.get("identity") == identity:
+    identity = f"{arch.model_dump_json()}|{cfg.model_dump_json()}|{fingerprint}|{code_digest('demar.tokenizer_train')}"
+    state = None
+    if ckpt is not None and ckpt.is_file():
+        try:
+            state = torch_load(ckpt, map_location=device)
+        except UnreadableFileError as err:  # a truncated checkpoint: keep it for inspection, start over
+            aside = ckpt.with_name(ckpt.name + ".unreadable")
+            ckpt.replace(aside)
+            print(f"{err}; set aside as {aside}, training from the start", file=sys.stderr)
+    if state is not None and state.get("identity") != identity:
+        print(f"{ckpt}: written with another config, data or code; training from the start", file=sys.stderr)
+    elif state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])

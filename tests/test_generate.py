@@ -152,6 +152,7 @@ def test_same_seed_gives_identical_images_and_another_seed_does_not(weights, ref
     assert all(other[k] != ref[k] for k in other)
 
 
+@pytest.mark.reliability
 def test_resume_after_a_stop_writes_the_same_images(weights, reference_run, tmp_path):
     out, _ = reference_run
     model, tok = load_model(weights / "model.pt"), Tokenizer.load(weights / "tokenizer.pt")
@@ -180,6 +181,7 @@ def test_resume_after_a_stop_writes_the_same_images(weights, reference_run, tmp_
     assert (third.skipped_batches, third.computed_batches) == (3, 0)
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 def test_resume_after_sigkill_writes_the_same_images(weights, tmp_path):
     """A separate process is killed (SIGKILL) once its first batch is recorded; a resumed run
@@ -279,6 +281,7 @@ def test_the_image_identity_covers_the_code_that_draws_and_decodes():
     } <= modules  # fmt: skip
 
 
+@pytest.mark.reliability
 def test_model_files_are_checked_against_the_row(weights, tmp_path):
     from pipelines.sample import ModelFileError, load_row_model
 
@@ -370,6 +373,7 @@ def test_sample_stage_writes_trained_and_untrained_sets(weights, tmp_path, mlflo
         sample.main(["--row", "r0", "--no-progress", "--no-mlflow"])
 
 
+@pytest.mark.reliability
 def test_sample_stage_refuses_a_broken_model_file_in_one_line(weights, tmp_path, monkeypatch, capsys):
     root = write_repo(tmp_path, weights)
     monkeypatch.chdir(root)

@@ -104,6 +104,7 @@ def test_round_trip(setup, tmp_path):
         lat[NUM]
 
 
+@pytest.mark.reliability
 def test_shard_hash_mismatch_names_the_shard(setup, tmp_path):
     _extract(setup, tmp_path / "lat")
     shard = tmp_path / "lat" / "shard_00001.pt"
@@ -118,6 +119,7 @@ def test_shard_hash_mismatch_names_the_shard(setup, tmp_path):
         LatentDataset(tmp_path / "lat", verify=False)
 
 
+@pytest.mark.reliability
 def test_interrupted_extraction_resumes_to_the_same_manifest(setup, tmp_path):
     reference = _extract(setup, tmp_path / "straight").manifest
     out = tmp_path / "resumed"
@@ -135,6 +137,7 @@ def test_interrupted_extraction_resumes_to_the_same_manifest(setup, tmp_path):
     assert result.manifest == reference
 
 
+@pytest.mark.reliability
 def test_killed_extraction_resumes_to_the_same_manifest(setup, tmp_path):
     root, _ = setup
     reference = _extract(setup, tmp_path / "straight").manifest
@@ -250,6 +253,7 @@ def test_stages_end_to_end(tmp_path, monkeypatch, mlflow_uri):
     assert tok_run["metrics.psnr"] == pytest.approx(tok["psnr"]) and tok_run["params.tokenizer.train.steps"] == "4"
 
 
+@pytest.mark.reliability
 def test_cache_of_other_code_is_discarded_saying_why(setup, tmp_path, capsys):
     from demar.identity import code_digest
 
@@ -263,6 +267,7 @@ def test_cache_of_other_code_is_discarded_saying_why(setup, tmp_path, capsys):
     assert result.reused_shards == 0 and result.manifest == manifest
 
 
+@pytest.mark.reliability
 def test_rerun_removes_temporaries_of_killed_writes(setup, tmp_path):
     out = tmp_path / "lat"
     manifest = _extract(setup, out).manifest

@@ -136,7 +136,10 @@ def test_every_output_is_written_and_figures_are_png(built):
     out = root / "out"
     for name in EXPECTED:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert {p.name for p in result.outputs} == set(EXPECTED)
+    assert {p.name for p in result.outputs if p.parent == out} == set(EXPECTED)
+    series = [p for p in result.outputs if p.parent != out]  # the CSV series `dvc plots` draws
+    assert "time_fid" in {p.parent.name for p in series} <= {"train_curves", "time_fid"}
+    assert all(p.suffix == ".csv" and p.read_text().count("\n") >= 2 for p in series)
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC
         with Image.open(png) as im:

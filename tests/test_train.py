@@ -209,6 +209,7 @@ def test_row_config_and_model_mapping():
 # ---------------------------------------------------------------------- the engine
 
 
+@pytest.mark.reliability
 def test_train_learns_writes_outputs_and_resumes_after_interruption(latents, tmp_path):
     """A run interrupted by a raising callback ends cleanly and resumes to the same weights."""
     model_cfg, cfg = tiny_model_cfg("demar"), tiny_train_cfg()
@@ -247,6 +248,7 @@ def test_train_learns_writes_outputs_and_resumes_after_interruption(latents, tmp
     assert_same_weights(weights(resumed.model_path, use_ema=True), weights(full.model_path, use_ema=True))
 
 
+@pytest.mark.reliability
 def test_changed_config_starts_fresh_instead_of_resuming(latents, tmp_path, capsys):
     model_cfg = tiny_model_cfg("mar")
     train(model_cfg, tiny_train_cfg(epochs=0.5), latents_dir=latents, out_dir=tmp_path / "o", progress=False)
@@ -306,6 +308,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.reliability
 @pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_weights(latents, tmp_path):
     script = tmp_path / "run_train.py"
