@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from demar.params import apply_preset, list_presets, load_params
@@ -192,3 +193,30 @@ def test_smoke_dvc_repro_end_to_end(tmp_path):
     status = _dvc(["status", "--json"], repo, env)
     changed = set(json.loads(status.stdout))
     assert changed == {"check_params", "train@mar", "sample@mar", "evaluate@mar", "time_fid@mar", "report"}, changed
+
+    # A behaviour-changing edit of a model module retrains and resamples the row; nothing stale is kept.
+    _git(["checkout", "-q", "HEAD", "--", "params.yaml"], repo)
+    model_file, samples = repo / "models" / "mar" / "model.pt", repo / "samples" / "mar"
+    weights, images, manifest = _weights(model_file), _images(samples), (samples / "manifest.json").read_text()
+    backbone = repo / "demar" / "backbone.py"
+    line = "std = 0.02  # MAR's"
+    assert line in backbone.read_text(), "the edit below needs this line"
+    backbone.write_text(backbone.read_text().replace(line, "std = 0.2  # MAR's"))
+    edited = _dvc(["repro", "sample@mar"], repo, env)
+    assert edited.returncode == 0, edited.stdout[-3000:] + edited.stderr[-3000:]
+    assert "train@mar" in edited.stdout and "the code" in edited.stderr, edited.stdout[-3000:]
+    retrained = _weights(model_file)
+    assert any(not torch.equal(weights[k], retrained[k]) for k in weights), "trained again with the edited code"
+    assert (samples / "manifest.json").read_text() != manifest, "sampled again from the retrained model"
+    assert _images(samples) != images, "the new model draws other images"
+
+
+def _images(folder: Path) -> list[bytes]:
+    """The bytes of a sample folder's images, in order."""
+    return [p.read_bytes() for p in sorted(folder.glob("[0-9]*.png"))]
+
+def _weights(path: Path) -> dict:
+    """The EMA weights of a model file."""
+    from demar.model import load_model
+
+    return {k: v.clone() for k, v in load_model(path).state_dict().items()}
