@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from demar.config import StrictConfig
 from demar.identity import code_digest
-from demar.io import file_sha256, read_json, remove_stale_temporaries, torch_load, write_json
-from demar.shards import ShardsWritten, entry_intact, intact_shards, save_shard, shard_name
+from demar.io import file_sha256, read_json, torch_load, write_json
+from demar.shards import ShardsWritten, entry_intact, intact_shards, open_cache_folder, save_shard, shard_name
 from demar.text_encoders import TextEncoder
 
 __all__ = [
@@ -112,10 +112,7 @@ def encode_captions(
         and counts of reused and written shards.
     """
     t0 = time.perf_counter()
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for path in remove_stale_temporaries(root):
-        tqdm.write(f"removed {path}, left by a killed write", file=sys.stderr)
+    root = open_cache_folder(out_dir)
     num = len(captions)
     identity = {
         "format": FORMAT,

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from demar.io import atomic_write_bytes, file_sha256
+from demar.io import atomic_write_bytes, file_sha256, remove_stale_temporaries
 
-__all__ = ["ShardsWritten", "entry_intact", "intact_shards", "save_shard", "shard_name"]
+__all__ = ["ShardsWritten", "entry_intact", "intact_shards", "open_cache_folder", "save_shard", "shard_name"]
 
 
 @dataclass
@@ -42,6 +44,15 @@ class ShardsWritten:
 def shard_name(index: int) -> str:
     """File name of shard ``index``: ``shard_00000.pt``."""
     return f"shard_{index:05d}.pt"
+
+
+def open_cache_folder(out_dir: str | os.PathLike[str]) -> Path:
+    """Create the cache folder ``out_dir`` if needed and remove what killed writes left in it."""
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for path in remove_stale_temporaries(root):
+        print(f"removed {path}, left by a killed write", file=sys.stderr)
+    return root
 
 
 def save_shard(blob: dict[str, Any], path: Path) -> str:

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from demar.config import ConfigError
-from demar.params import Params, load_params
+from demar.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "presets" / "smoke.yaml"

@@ -234,7 +234,7 @@ def test_work_goes_on_when_the_tracking_server_dies_and_sync_replays_it(tmp_path
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
         steps, kill_at, step_s = 150, 50, 0.02
-        slowest, caught = 0.0, []
+        slowest = 0.0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with stage_run("train", row="demar", params={"train": {"lr": 0.1}}) as run:
