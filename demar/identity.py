@@ -15,6 +15,7 @@ inside functions.
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import importlib.util
 from collections.abc import Iterable
@@ -104,6 +105,6 @@ def code_digest(*entries: str, modules: Iterable[str] | None = None) -> str:
         path = _module_file(name)
         if path is None:
             raise ValueError(f"not a project module: {name}")
-        tree = _strip_docstrings(ast.parse(path.read_text(), filename=str(path)))
+        tree = _strip_docstrings(copy.deepcopy(_parse(path)))  # each file read and parsed once per process
         h.update(name.encode() + b"\0" + ast.dump(tree, annotate_fields=False).encode() + b"\0")
     return h.hexdigest()

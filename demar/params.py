@@ -166,6 +166,14 @@ def _not_per_row(data: Mapping[str, Any], keys: tuple[str, ...], section: str, w
             raise ConfigError(f"invalid configuration in {source}:\n  {section}.{key}: {why}")
 
 
+def _section(data: Any, cls: type[StrictConfig], name: str, per_row: tuple[str, ...], why: str, source: str) -> Any:
+    """Section ``name`` as ``cls``: a validated object passes through, a mapping is checked and validated."""
+    if isinstance(data, StrictConfig):
+        return data
+    _not_per_row(data or {}, per_row, name, why, source)
+    return validate(cls, data, source=source, prefix=name)
+
+
 def row_model_config(
     row: RowConfig, model_section: StrictConfig | Mapping[str, Any] | None, *, source: str = "<params>"
 ) -> ModelConfig:
@@ -176,9 +184,8 @@ def row_model_config(
         model_section: ``params.yaml``'s ``model`` (a :data:`ModelSection` or its mapping).
         source: the file it came from, quoted in errors.
     """
-    if not isinstance(model_section, StrictConfig):
-        _not_per_row(model_section or {}, ROW_MODEL_KEYS, "model", "set per row (rows.<row>), not in model", source)
-        model_section = validate(ModelSection, model_section, source=source, prefix="model")
+    why = "set per row (rows.<row>), not in model"
+    model_section = _section(model_section, ModelSection, "model", ROW_MODEL_KEYS, why, source)
     knobs = model_section.model_dump(exclude_unset=True)
     return ModelConfig.from_section({**knobs, "size": row.size, **ABLATION_ROWS[row.ablation]}, source=source)
 
@@ -194,9 +201,7 @@ def row_train_config(
         source: the file it came from, quoted in errors.
     """
     why = "not a key; training uses the row's seed (rows.<row>.seed)"
-    if not isinstance(train_section, StrictConfig):
-        _not_per_row(train_section or {}, ("seed",), "train", why, source)
-        train_section = validate(TrainSection, train_section, source=source, prefix="train")
+    train_section = _section(train_section, TrainSection, "train", ("seed",), why, source)
     data = {**train_section.model_dump(exclude_unset=True), "seed": row.seed}
     return validate(TrainConfig, data, source=source, prefix="train")
 
