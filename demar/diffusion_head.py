@@ -71,6 +71,15 @@ class DiffusionHead(nn.Module, ABC):
             cond: what :meth:`prepare` returned for the same B rows and M tokens.
         """
 
+    @abstractmethod
+    def repeat_condition(self, cond: Any, repeats: int) -> Any:
+        """``cond`` of M tokens as the condition of ``repeats * M`` tokens ``[c; c; ...]`` along the token axis.
+
+        Args:
+            cond: what :meth:`prepare` returned.
+            repeats: copies (the training loss's ``diffusion_batch_mul``).
+        """
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, z_all: torch.Tensor | None) -> torch.Tensor:
         """One plain network evaluation: ``denoise(x_t, t, prepare(z, z_all))`` -> ``[B, M, out_channels]``."""
         return self.denoise(x_t, t, self.prepare(z, z_all))
@@ -103,7 +112,8 @@ class DiffusionHead(nn.Module, ABC):
         Each conditional token is reused for ``diffusion_batch_mul`` independent draws
         of (t, eps) (MAR). The draws are laid out along the token axis, ``[B, R*M]``, so
         per-image work (the transformer head's keys/values of ``z_all``) is done once
-        per image and shared by all draws without copying.
+        per image and shared by all draws without copying, and per-token work (the
+        projection of ``z``) once per token and repeated.
 
         Args:
             target: clean tokens ``[B, M, d]``.
@@ -117,7 +127,7 @@ class DiffusionHead(nn.Module, ABC):
         bsz, m, _ = target.shape
         r = self.diffusion_batch_mul
         x0 = target.to(self._dtype).repeat(1, r, 1)  # [B, R*M, d]
-        cond = self.prepare(z.repeat(1, r, 1), z_all, cache_kv=True)  # per-token part for R*M tokens
+        cond = self.repeat_condition(self.prepare(z, z_all, cache_kv=True), r)  # per-token part for R*M tokens
         terms = self.train_diffusion.training_losses(lambda x_t, t: self.denoise(x_t, t, cond), x0, generator=generator)
         return terms.loss.view(bsz, r, m).mean(dim=1)  # [B, M]
 

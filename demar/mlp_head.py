@@ -138,6 +138,10 @@ class MLPHead(DiffusionHead):
         """Condition projection ``cond_embed(z)``: ``[B, M, D] -> [B, M, w]`` (``z_all``, ``cache_kv`` unused)."""
         return self.cond_embed(z.to(self._dtype))  # [B, M, w]
 
+    def repeat_condition(self, cond: torch.Tensor, repeats: int) -> torch.Tensor:
+        """``[B, M, w] -> [B, repeats * M, w]``."""
+        return cond.repeat(1, repeats, 1)
+
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``x_t [B, M, d]``, ``t [B, M]`` (or broadcastable), ``cond [B, M, w]`` -> ``[B, M, out_channels]``."""
         x = self.input_proj(x_t)  # [B, M, w]

@@ -23,7 +23,7 @@ every ``denoise`` call, as a head without a cache would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -274,6 +274,10 @@ class TransformerHead(DiffusionHead):
         zc = self.cond_embed(z.to(dtype))  # [B, M, w]
         z_all = z_all.to(dtype)  # [B, N, D]
         return TransformerCondition(z=zc, z_all=z_all, kv=self.keys_values(z_all) if cache_kv else None)
+
+    def repeat_condition(self, cond: TransformerCondition, repeats: int) -> TransformerCondition:
+        """The tokens' own conditions ``[B, M, w] -> [B, repeats * M, w]``; ``z_all`` and the keys/values are per image."""
+        return replace(cond, z=cond.z.repeat(1, repeats, 1))
 
     def keys_values(self, z_all: torch.Tensor) -> list[KeysValues]:
         """Every block's keys/values of ``z' = norm(z_all [B, N, D])``."""

@@ -285,3 +285,39 @@ def test_tiny_head_overfits_a_fixed_set(kind: str) -> None:
         opt.step()
     after = eval_loss()
     assert after < 0.4 * before, (before, after)
+
+
+def test_timestep_embedder_embeds_each_distinct_step_once_with_the_same_values_and_gradients() -> None:
+    from demar.embeddings import TimestepEmbedder
+
+    torch.manual_seed(0)
+    embedder = TimestepEmbedder(32)
+    t = torch.randint(0, 20, (6, 40), generator=gen(1))  # 240 draws of 20 values
+    grad_out = torch.randn(6, 40, 32, generator=gen(2))
+    deduplicated = embedder(t)
+    (deduplicated * grad_out).sum().backward()
+    grads = [p.grad.clone() for p in embedder.parameters()]
+    embedder.zero_grad()
+    plain = embedder._embed(t)  # every draw through the MLP
+    (plain * grad_out).sum().backward()
+    torch.testing.assert_close(deduplicated, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, (p.grad for p in embedder.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert embedder(torch.tensor([[7]])).shape == (1, 1, 32)  # one step broadcast over rows (sampling)
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_loss_projects_each_condition_once_and_repeats_it_for_the_draws(kind: str) -> None:
+    head = make_head(kind, diffusion_batch_mul=3)
+    target, z, z_all = conditions()
+    projected = []
+    handle = head.cond_embed.register_forward_hook(lambda _m, inputs, _o: projected.append(inputs[0].shape))
+    got = head.loss(target, z, z_all, generator=gen(4))
+    handle.remove()
+    assert projected == [torch.Size([B, M, D_COND])], "z projected once, not once per draw"
+    # The same draws with the conditions repeated before the projection (the unshared computation).
+    cond = head.prepare(z.repeat(1, 3, 1), z_all, cache_kv=True)
+    terms = head.train_diffusion.training_losses(
+        lambda x_t, t: head.denoise(x_t, t, cond), target.repeat(1, 3, 1), generator=gen(4)
+    )
+    torch.testing.assert_close(got, terms.loss.view(B, 3, M).mean(dim=1), rtol=1e-5, atol=1e-6)
