@@ -135,12 +135,34 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_verify)
 
 
+def _cmd_repro(args: argparse.Namespace) -> int:
+    from demar.repro import main as repro_main
+
+    try:
+        return repro_main(args.root, args.targets, args.jobs, force=args.force, keep_going=args.keep_going)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _add_repro(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("repro", help="dvc repro with several independent stages at once (same outputs and dvc.lock)")
+    p.add_argument("targets", nargs="*", help="stages to bring up to date, with their upstream (default: all)")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="stages at once; keep jobs x the stages' threads "
+                   "at most the cores (default: %(default)s)")
+    p.add_argument("-f", "--force", action="store_true", help="run every stage even if unchanged")
+    p.add_argument("-k", "--keep-going", action="store_true", help="after a failure, run what does not depend on it")
+    p.add_argument("--root", default=".", help="the repository (default: %(default)s)")
+    p.set_defaults(func=_cmd_repro)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``demar`` argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="demar", description="De-MAR reproducibility suite")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_params(sub)
     _add_preset(sub)
+    _add_repro(sub)
     _add_study(sub)
     _add_tracking(sub)
     _add_verify(sub)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from demar.io import torch_load
 from demar.params import apply_preset, list_presets, load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,8 +160,12 @@ def test_smoke_dvc_repro_end_to_end(tmp_path):
     }
     env.pop("MLFLOW_TRACKING_URI", None)
 
-    first = _dvc(["repro"], repo, env)
+    # Two stages at a time (`demar repro --jobs 2`): both rows train side by side.
+    first = subprocess.run(
+        [sys.executable, "-m", "demar.cli", "repro", "--jobs", "2"], cwd=repo, env=env, capture_output=True, text=True
+    )
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert _dvc(["status", "--json"], repo, env).stdout.strip() == "{}", "dvc.lock records every stage"
 
     out = repo / "reports" / "out"
     for name in ["table4.md", "table4.tex", "table4.csv", "table2.md", "fig4a_time_fid.png",
@@ -181,6 +186,19 @@ def test_smoke_dvc_repro_end_to_end(tmp_path):
     mlflow.set_tracking_uri(None)
 
     _check_metrics_plots_and_verify(repo, env)
+
+    # A row trained beside another has the weights, EMA and checkpoint of a lone run.
+    lone = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", "--row", "mar", "--models", str(tmp_path / "lone"),
+         "--metrics", str(tmp_path / "lone_metrics"), "--no-progress"],
+        cwd=repo, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert lone.returncode == 0, lone.stdout[-3000:] + lone.stderr[-3000:]
+    assert _same_tensors(_weights(repo / "models" / "mar" / "model.pt"), _weights(tmp_path / "lone" / "mar" / "model.pt"))
+    checkpoint = Path("checkpoints") / "last.pt"
+    assert _same_tensors(
+        torch_load(repo / "models" / "mar" / checkpoint), torch_load(tmp_path / "lone" / "mar" / checkpoint)
+    ), "the checkpoint (weights, EMA, optimizer) of the side-by-side run equals the lone run's"
 
     # A second repro does nothing.
     start = time.perf_counter()
@@ -216,6 +234,17 @@ def test_smoke_dvc_repro_end_to_end(tmp_path):
 def _images(folder: Path) -> list[bytes]:
     """The bytes of a sample folder's images, in order."""
     return [p.read_bytes() for p in sorted(folder.glob("[0-9]*.png"))]
+
+def _same_tensors(a: object, b: object) -> bool:
+    """Whether two nested checkpoints hold equal tensors under the same keys (other values are ignored)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same_tensors, a, b))
+    return True
+
 
 def _weights(path: Path) -> dict:
     """The EMA weights of a model file."""
