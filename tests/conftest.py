@@ -10,6 +10,9 @@ import torch
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# Tests run one per core (pytest-xdist); a subprocess on two threads beside another test
+# would slow both many times over, so subprocesses inherit one thread too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)  # tiny models: threads cost more than they give, and tests may run beside subprocesses
 
 
