@@ -4,8 +4,11 @@ DVC runs the stages of one ``dvc repro`` one after another. It does, however, re
 its repository lock while a stage's command runs, and guards each stage's
 dependencies and outputs with their own locks, so independent stages may run from
 separate ``dvc repro`` processes at the same time. This scheduler walks the pipeline's
-graph and starts ``dvc repro --single-item <stage>`` for every stage whose upstream
-stages have finished, at most ``jobs`` at a time. Each stage is still run (or skipped
+graph and starts ``dvc --wait-for-lock repro --single-item <stage>`` for every stage
+whose upstream stages have finished, at most ``jobs`` at a time. Each waits for the
+repository lock, which a process holds only while it checks a stage or records it in
+``dvc.lock`` (without the wait, a stage that ends while another starts would fail to
+record its finished work). Each stage is still run (or skipped
 when unchanged) and recorded in ``dvc.lock`` by DVC itself, so the result is that of
 ``dvc repro``: the same commands, the same outputs, the same lock file.
 
@@ -29,9 +32,6 @@ from pathlib import Path
 
 __all__ = ["StageResult", "pipeline_graph", "run_parallel"]
 
-# What another DVC process holding the repository lock makes a ``dvc repro`` print.
-_LOCK_BUSY = "Unable to acquire lock"
-_LOCK_RETRIES = 20
 
 
 @dataclass
@@ -50,7 +50,6 @@ class _Running:
     process: subprocess.Popen
     log: Path
     started: float
-    tries: int = 1
     handle: object = field(default=None, repr=False)
 
 
@@ -119,7 +118,7 @@ def run_parallel(
         log_dir: where each stage's output goes, ``<stage>.log`` (relative to ``root``).
         force: run every stage even when DVC finds it unchanged (``dvc repro --force``).
         keep_going: after a failure, go on with the stages that do not depend on it.
-        command: ``stage -> argv`` (default ``dvc repro --single-item [--force] <stage>``).
+        command: ``stage -> argv`` (default ``dvc --wait-for-lock repro --single-item [--force] <stage>``).
         echo: where progress lines go.
         poll_s: seconds between checks of the running stages.
 
@@ -134,7 +133,8 @@ def run_parallel(
     if command is None:
 
         def command(stage: str) -> list[str]:
-            return [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
+            force_flag = ["--force"] if force else []
+            return [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", *force_flag, stage]
 
     # One reproduction id for the MLflow runs of every stage, as under one `dvc repro`.
     from demar.tracking import repro_id
@@ -150,11 +150,11 @@ def run_parallel(
     total = len(graph)
     start = time.monotonic()
 
-    def launch(stage: str, tries: int = 1) -> _Running:
+    def launch(stage: str) -> _Running:
         log = logs / f"{stage.replace('/', '_')}.log"
         handle = open(log, "w")  # noqa: SIM115 (closed when the stage ends)
         proc = subprocess.Popen(command(stage), cwd=root, env=env, stdout=handle, stderr=subprocess.STDOUT)
-        return _Running(stage, proc, log, time.monotonic(), tries, handle)
+        return _Running(stage, proc, log, time.monotonic(), handle)
 
     def blocked(stage: str) -> bool:
         return any(up in failed or up in blocked_set for up in graph[stage])
@@ -190,10 +190,6 @@ def run_parallel(
                 running.remove(job)
                 job.handle.close()
                 seconds = time.monotonic() - job.started
-                if code != 0 and _LOCK_BUSY in job.log.read_text(errors="replace") and job.tries < _LOCK_RETRIES:
-                    time.sleep(1.0)  # another dvc process held the repository lock: try again
-                    running.append(launch(job.stage, job.tries + 1))
-                    continue
                 if code == 0:
                     done.add(job.stage)
                     results.append(StageResult(job.stage, "ran", seconds, job.log))
