@@ -50,25 +50,15 @@ def worker(args: argparse.Namespace) -> int:
 
 def make_latents(folder: Path, params_file: Path, images: int) -> None:
     """A latent cache of ``images`` random images in the embedded preset's latent shape."""
-    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train import make_latents as random_latents
 
-    from demar.latents import LatentsConfig, extract_latents
     from demar.params import load_params
-    from demar.tokenizer import Tokenizer, TokenizerConfig
 
     params = load_params(params_file)
     arch = params.tokenizer.architecture
-    tok_cfg = TokenizerConfig(
-        resolution=arch.resolution, ch=8, ch_mult=tuple(1 for _ in arch.ch_mult), num_res_blocks=1,
-        decoder_res_blocks=1, attn_resolutions=(), z_channels=arch.z_channels, embed_dim=arch.embed_dim, norm_groups=4,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    side, classes = arch.resolution, params.model.num_classes
-    pixels = torch.rand(images, 3, side, side, generator=g) * 2 - 1
-    data = [(pixels[i], i % classes) for i in range(images)]
-    extract_latents(Tokenizer(tok_cfg, scale=1.0), data, folder, LatentsConfig(batch_size=256),
-                    tokenizer_sha256="random", num_classes=classes, progress=False)  # fmt: skip
+    setup = {"image": arch.resolution, "levels": len(arch.ch_mult), "channels": arch.z_channels}
+    random_latents(folder, setup, params.model.num_classes, images)
 
 
 def run_set(tree: Path, row: str, seeds: int, jobs: int, common: list[str], work: Path) -> dict:

@@ -18,8 +18,8 @@ ours (above 1: ours is faster). The achieved FLOP/s of our step (FLOPs from
 peak, measured in the same run at the same thread count.
 
 The official code is imported from a checkout the user points at, never copied
-here; it needs ``timm`` (``pip install timm``). Its ``.cuda()`` calls are made
-no-ops for the run, so it runs on the CPU.
+here; it needs ``timm`` (``pip install timm``). The calls with which it moves tensors
+and modules to the GPU are made no-ops for the run, so it runs on the CPU.
 
 Run: ``python benchmarks/bench_vs_mar.py --mar-repo PATH [--configs tiny B] [--threads 2] [--write]``
 (``--write`` replaces the "Against official MAR" section of ``BENCHMARKS.md``).
@@ -104,7 +104,7 @@ def setups() -> dict[str, Setup]:
 
 @contextlib.contextmanager
 def official_on_cpu(repo: Path) -> Iterator[None]:
-    """Import path of the official checkout, with ``.cuda()`` a no-op while inside."""
+    """Import path of the official checkout, its moves to the GPU (``Tensor.cuda``, ``Module.cuda``) no-ops while inside."""
     tensor_cuda, module_cuda = torch.Tensor.cuda, nn.Module.cuda
     sys.path.insert(0, str(repo))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]

@@ -84,8 +84,8 @@ def pipeline_graph(root: str | os.PathLike[str] = ".", targets: Sequence[str] = 
 def _downstream_counts(graph: dict[str, list[str]]) -> dict[str, int]:
     """Number of stages that depend on each stage, directly or not (the scheduling priority)."""
     below: dict[str, set[str]] = {stage: set() for stage in graph}
-    for stage in graph:
-        todo = list(graph[stage])
+    for stage, upstream in graph.items():
+        todo = list(upstream)
         seen: set[str] = set()
         while todo:
             up = todo.pop()
