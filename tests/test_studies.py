@@ -458,3 +458,29 @@ def test_dead_workers_trials_are_failed_and_queued_again_live_ones_are_kept(tmp_
     assert all("worker" not in t.user_attrs for t in queued)  # a copy never looks dead itself
     assert {t.params["x"] for t in queued} == {here_dead.params["x"], elsewhere.params["x"]}
     assert counted(study) == 2  # the failed ones are replaced by their queued copies, which count once taken
+
+
+def test_opening_a_storage_whose_tables_another_process_is_creating_retries(tmp_path, monkeypatch):
+    import sqlalchemy.exc
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    class Racing(real):  # the first opening meets another process creating the tables
+        def __init__(self, url, *args, **kwargs):
+            calls.append(url)
+            super().__init__(url, *args, **kwargs)
+            if len(calls) == 1:
+                raise sqlalchemy.exc.OperationalError("CREATE TABLE", {}, Exception("table version_info already exists"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    storage = open_storage(url)
+    assert len(calls) == 2 and optuna.create_study(study_name="s", storage=storage).study_name == "s"
+
+    class Broken(real):
+        def __init__(self, url, *args, **kwargs):
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Broken)
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="disk I/O error"):
+        open_storage(url)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
@@ -56,6 +58,9 @@ COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, Trial
 SQLITE_TIMEOUT_S = 60
 """How long a sqlite storage waits for another worker's write lock before failing."""
 
+_OPEN_RETRIES = 3
+"""Openings of an RDB storage retried when another process was creating its tables at the same time."""
+
 
 def default_storage(config_path: str | os.PathLike[str], name: str) -> str:
     """The default storage of a study: the sqlite file ``<name>.db`` beside its YAML.
@@ -93,9 +98,22 @@ def open_storage(
     if heartbeat_s:
         heartbeat = {"heartbeat_interval": heartbeat_s, "grace_period": 2 * heartbeat_s,
                      "heartbeat_stale_trial_callback": on_dead}  # fmt: skip
-    with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna's terms
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    def rdb() -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna's terms
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+
+    # A fresh database gets its tables from the first RDBStorage; two processes opening it at
+    # once (workers, a dashboard, a second machine) can both try, and the slower one fails on
+    # "table ... already exists". The tables are there by then, so opening again succeeds.
+    for attempt in range(_OPEN_RETRIES):
+        try:
+            return rdb()
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            if "already exists" not in str(err):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    return rdb()
 
 
 def redact(url: str) -> str:
