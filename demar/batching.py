@@ -17,7 +17,7 @@ from demar.rng import derive_seed
 __all__ = ["StepBatchSampler"]
 
 
-class StepBatchSampler(Sampler[list[int]]):
+class StepBatchSampler(Sampler[list]):
     """The indices of every slice this process handles, step by step, from ``start_step``.
 
     The images of step ``s`` are positions ``[s * B, (s + 1) * B)`` of an endless
@@ -37,6 +37,7 @@ class StepBatchSampler(Sampler[list[int]]):
         seed: the run's seed.
         total_steps: one past the last step to yield.
         start_step: first step to yield (default 0).
+        with_epoch: yield ``(index, epoch)`` pairs instead of indices (default False).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class StepBatchSampler(Sampler[list[int]]):
         seed: int,
         total_steps: int,
         start_step: int = 0,
+        with_epoch: bool = False,
     ) -> None:
         if num_images < 1:
             raise ValueError("the latent set is empty")
@@ -60,6 +62,7 @@ class StepBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.start_step = start_step
         self.total_steps = total_steps
+        self.with_epoch = with_epoch
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -70,13 +73,7 @@ class StepBatchSampler(Sampler[list[int]]):
             self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 
-    def indices(self, step: int, slice_index: int) -> list[int]:
-        """Data set indices of slice ``slice_index`` of ``step``.
-
-        Args:
-            step: 0-based step.
-            slice_index: global slice index in ``[0, micro_batches)``.
-        """
+    def _positions(self, step: int, slice_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = step * self.batch_size + slice_index * self.slice_size
         pos = torch.arange(start, start + self.slice_size)  # positions in the endless stream
         epochs = pos // self.n
@@ -84,7 +81,21 @@ class StepBatchSampler(Sampler[list[int]]):
         for e in epochs.unique().tolist():
             sel = epochs == e
             out[sel] = self._perm(e)[pos[sel] % self.n]
-        return out.tolist()
+        return out, epochs
+
+    def indices(self, step: int, slice_index: int) -> list[int]:
+        """Data set indices of slice ``slice_index`` of ``step``.
+
+        Args:
+            step: 0-based step.
+            slice_index: global slice index in ``[0, micro_batches)``.
+        """
+        return self._positions(step, slice_index)[0].tolist()
+
+    def keys(self, step: int, slice_index: int) -> list[tuple[int, int]]:
+        """``(index, epoch)`` of every image of the slice: for data sets that draw per epoch."""
+        indices, epochs = self._positions(step, slice_index)
+        return list(zip(indices.tolist(), epochs.tolist()))
 
     def slices(self) -> list[int]:
         """Global indices of the slices this process handles each step."""
@@ -93,7 +104,7 @@ class StepBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.total_steps):
             for m in self.slices():
-                yield self.indices(step, m)
+                yield self.keys(step, m) if self.with_epoch else self.indices(step, m)
 
     def __len__(self) -> int:
         return (self.total_steps - self.start_step) * self.local

@@ -270,6 +270,10 @@ class LatentDataset(Dataset):
         j = i - self._starts[s]
         return data["moments"][j].float(), int(data["labels"][j])
 
+    def source_indices(self) -> torch.Tensor:
+        """``LongTensor [N]``: the index in the source data set of each latent's image."""
+        return torch.cat([self._shard(s)["indices"].long() for s in range(len(self._entries))])
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All moments ``[N, 2, 2C, h, w]`` (stored dtype) and labels ``[N]`` in memory (small caches)."""
         shards = [self._shard(s) for s in range(len(self._entries))]

@@ -73,6 +73,7 @@ from torch.utils.data import DataLoader
 
 from demar import distributed as D
 from demar.batching import StepBatchSampler
+from demar.captions import CaptionCache
 from demar.config import ConfigError
 from demar.diffusion_head import DiffusionHead
 from demar.ema import EMA
@@ -89,6 +90,7 @@ from demar.io import (
 from demar.latents import LatentDataset, draw_latents
 from demar.model import DeMAR, ModelConfig, patchify, save_checkpoint
 from demar.rng import derive_seed
+from demar.text_latents import TextLatentDataset
 from demar.train_config import OPERATIONAL_KEYS, TrainConfig, lr_at, steps_for
 
 __all__ = [
@@ -268,6 +270,28 @@ class _Window:
         }
 
 
+def _training_set(
+    model_cfg: ModelConfig, cfg: TrainConfig, latents_dir: Path, captions_dir: Path | None
+) -> LatentDataset | TextLatentDataset:
+    """The latents, paired with caption states for a text-conditioned model."""
+    latents = LatentDataset(latents_dir)
+    if model_cfg.context != "text":
+        return latents
+    if captions_dir is None:
+        raise ConfigError("model.context is 'text': training needs the caption cache (captions_dir)")
+    captions = CaptionCache(captions_dir)
+    length, width = captions.states_shape
+    if width != model_cfg.text_dim:
+        raise ConfigError(
+            f"model.text_dim is {model_cfg.text_dim} but the caption cache {captions_dir} holds states of width {width}"
+        )
+    if length > model_cfg.buffer_size:
+        raise ConfigError(
+            f"model.buffer_size ({model_cfg.buffer_size}) is below the {length} caption tokens of {captions_dir}"
+        )
+    return TextLatentDataset(latents, captions, cfg.seed)
+
+
 class _Trainer:
     """State and loop of one :func:`train` call (a class only to keep ``train`` short)."""
 
@@ -277,6 +301,7 @@ class _Trainer:
         cfg: TrainConfig,
         env: D.DistEnv,
         latents_dir: Path,
+        captions_dir: Path | None,
         out_dir: Path,
         run: Any,
         callback: Callable[[int, nn.Module, nn.Module], None] | None,
@@ -296,7 +321,7 @@ class _Trainer:
                 f"train.micro_batches ({cfg.micro_batches}) must be a multiple of the number of processes "
                 f"({env.world_size}) and divide train.batch_size ({cfg.batch_size})"
             )
-        self.dataset = LatentDataset(latents_dir)
+        self.dataset = _training_set(model_cfg, cfg, latents_dir, captions_dir)
         self.num_images = len(self.dataset)
         self.total_steps, self.warmup_steps = steps_for(cfg, self.num_images)
         self.checkpoint_path = out_dir / CHECKPOINT_NAME
@@ -449,6 +474,7 @@ class _Trainer:
             self.cfg.seed,
             total_steps=self.total_steps,
             start_step=self.step,
+            with_epoch=isinstance(self.dataset, TextLatentDataset),  # a caption per image per epoch
         )
         return DataLoader(
             self.dataset,
@@ -670,6 +696,7 @@ def train(
     *,
     latents_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
+    captions_dir: str | os.PathLike[str] | None = None,
     run: Any | None = None,
     callback: Callable[[int, nn.Module, nn.Module], None] | None = None,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -687,6 +714,9 @@ def train(
         train_cfg: the :class:`TrainConfig`.
         latents_dir: the latent set (:class:`demar.latents.LatentDataset` root).
         out_dir: where checkpoints, ``metrics.jsonl`` and ``model.pt`` go.
+        captions_dir: the caption cache (:class:`demar.captions.CaptionCache` root) of a
+            text-conditioned model (``model_cfg.context == "text"``); its captions are
+            paired with the latents' images (default None; required for text).
         run: a :class:`demar.tracking.RunLogger` to log metrics and sample grids
             to (default None: local files only).
         callback: ``callback(step, model, ema_model)`` after every step (``step``
@@ -719,6 +749,7 @@ def train(
                 train_cfg,
                 env,
                 Path(latents_dir),
+                None if captions_dir is None else Path(captions_dir),
                 out_dir,
                 run,
                 callback,

@@ -1,0 +1,120 @@
+"""Text-conditioned training: latents paired with cached caption states, one caption per image per epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from demar.captions import CaptionCache, CaptionsConfig, encode_captions
+from demar.config import ConfigError
+from demar.model import ABLATION_ROWS, DeMAR, ModelConfig
+from demar.params import RowConfig, row_model_config
+from demar.text_encoders import TextEncoderConfig, build_text_encoder
+from demar.text_latents import TextLatentDataset
+from demar.latents import LatentDataset
+from demar.train import train
+from test_train import TINY_KNOBS, assert_same_weights, tiny_train_cfg, weights, write_latents
+from tiny_text import write_tiny_clip
+
+N_IMAGES, WIDTH, LENGTH = 32, 32, 8  # tiny CLIP: 32 wide; captions cut to 8 tokens (buffer_size 8)
+COLOURS, SHAPES = ("red", "blue", "green", "white"), ("circle", "square")
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    """Two captions per image (image k: captions 2k and 2k + 1), encoded by a tiny CLIP."""
+    clip = write_tiny_clip(tmp_path_factory.mktemp("clip"), width=WIDTH)
+    encoder = build_text_encoder(TextEncoderConfig(kind="clip", path=str(clip), max_length=LENGTH))
+    texts = [f"a {c} {SHAPES[k % 2]} {v}" for k in range(N_IMAGES) for c, v in ((COLOURS[k % 4], "here"), ("plain", "too"))]
+    out = tmp_path_factory.mktemp("captions")
+    encode_captions(encoder, texts, out, CaptionsConfig(shard_size=16, batch_size=16), progress=False)
+    return out
+
+
+def text_model_cfg(ablation: str = "demar") -> ModelConfig:
+    knobs = {**TINY_KNOBS, "context": "text", "text_dim": WIDTH}
+    return row_model_config(RowConfig(ablation=ablation, size="tiny", seed=0), knobs)
+
+
+def pairs() -> list[list[int]]:
+    return [[2 * k, 2 * k + 1] for k in range(N_IMAGES)]
+
+
+def test_each_image_gets_one_of_its_own_captions_drawn_per_epoch(tmp_path, captions):
+    latents = LatentDataset(write_latents(tmp_path / "latents", n=N_IMAGES))
+    cache = CaptionCache(captions)
+    ds = TextLatentDataset(latents, cache, seed=5, captions_of=pairs())
+    draws = [[ds.caption_index(i, epoch) for i in range(N_IMAGES)] for epoch in range(6)]
+    assert all(d[i] in (2 * i, 2 * i + 1) for d in draws for i in range(N_IMAGES)), "only the image's own captions"
+    assert len({tuple(d) for d in draws}) == 6, "another draw each epoch"
+    assert draws == [[ds.caption_index(i, e) for i in range(N_IMAGES)] for e in range(6)], "a function of (seed, epoch, image)"
+    other_seed = TextLatentDataset(latents, cache, seed=6, captions_of=pairs())
+    assert [other_seed.caption_index(i, 0) for i in range(N_IMAGES)] != draws[0]
+    both = {ds.caption_index(i, e) % 2 for i in range(N_IMAGES) for e in range(6)}
+    assert both == {0, 1}, "both captions of an image are used"
+
+    moments, states = ds[(3, 2)]
+    assert torch.equal(moments, latents[3][0])
+    assert torch.equal(states, cache[ds.caption_index(3, 2)][0]) and states.shape == (LENGTH, WIDTH)
+    assert torch.equal(ds[3][1], ds[(3, 0)][1]), "a bare index is epoch 0"
+
+    with pytest.raises(ValueError, match="latent 31 .image 31. has no caption"):
+        TextLatentDataset(latents, cache, seed=0, captions_of=pairs()[:31])
+
+
+@pytest.mark.slow  # a few seconds per row on one core
+@pytest.mark.parametrize("row", list(ABLATION_ROWS))
+def test_each_row_with_text_context_overfits_a_fixed_batch(row):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_size(
+        "tiny", token_dim=4, seq_len=16, buffer_size=8, context="text", text_dim=WIDTH, **ABLATION_ROWS[row],
+        attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.0, masking={"mask_ratio_max": 0.9},
+        diffusion={"learn_sigma": False},
+    )  # fmt: skip
+    model = DeMAR(cfg)
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(4, 16, 4, generator=g), torch.randn(4, LENGTH, WIDTH, generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(80):
+        out = model(x, text, torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] / 10, (row, losses[0], losses[-1])
+    assert model.backbone.context_proj.weight.grad.abs().sum() > 0, "the text tokens reach the loss"
+
+
+def test_text_training_reads_the_caption_cache_and_resumes_to_the_same_weights(tmp_path, captions):
+    latents = write_latents(tmp_path / "latents", n=N_IMAGES)
+    cfg, model_cfg = tiny_train_cfg(), text_model_cfg()
+    # captions_of defaults to caption k for image k: the first N_IMAGES captions of the cache
+    full = train(model_cfg, cfg, latents_dir=latents, captions_dir=captions, out_dir=tmp_path / "full", progress=False)
+    assert full.metrics["steps"] == 8 and all(torch.isfinite(torch.tensor(r["loss"])) for r in full.history)
+
+    class Stop(RuntimeError):
+        pass
+
+    def stop_at_5(step, model, ema):
+        if step == 5:
+            raise Stop
+
+    out = tmp_path / "killed"
+    with pytest.raises(Stop):
+        train(model_cfg, cfg, latents_dir=latents, captions_dir=captions, out_dir=out, callback=stop_at_5, progress=False)
+    resumed = train(model_cfg, cfg, latents_dir=latents, captions_dir=captions, out_dir=out, progress=False)
+    assert resumed.resumed_from == 4  # the last checkpoint (every 2 steps) before the stop
+    assert_same_weights(weights(full.model_path), weights(resumed.model_path))
+    assert_same_weights(weights(full.model_path, use_ema=True), weights(resumed.model_path, use_ema=True))
+
+
+def test_text_training_without_a_matching_cache_is_an_error_naming_the_key(tmp_path, captions):
+    latents = write_latents(tmp_path / "latents", n=N_IMAGES)
+    with pytest.raises(ConfigError, match="needs the caption cache"):
+        train(text_model_cfg(), tiny_train_cfg(), latents_dir=latents, out_dir=tmp_path / "a", progress=False)
+    wrong = text_model_cfg().model_copy(update={"text_dim": WIDTH + 1})
+    with pytest.raises(ConfigError, match="model.text_dim is 33 but the caption cache"):
+        train(wrong, tiny_train_cfg(), latents_dir=latents, captions_dir=captions, out_dir=tmp_path / "b", progress=False)
