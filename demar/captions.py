@@ -36,12 +36,13 @@ from demar.config import StrictConfig
 from demar.identity import code_digest
 from demar.io import file_sha256, read_json, torch_load, write_json
 from demar.shards import ShardsWritten, entry_intact, intact_shards, open_cache_folder, save_shard, shard_name
-from demar.text_encoders import TextEncoder
+from demar.text_encoders import TextEncoder, TextEncoderConfig
 
 __all__ = [
     "CaptionCache",
     "CaptionCacheError",
     "CaptionsConfig",
+    "CaptionsStageConfig",
     "EncodeResult",
     "captions_code_digest",
     "captions_sha256",
@@ -67,6 +68,18 @@ class CaptionsConfig(StrictConfig):
     shard_size: int = Field(8192, ge=1)
     batch_size: int = Field(256, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
+
+
+class CaptionsStageConfig(CaptionsConfig):
+    """The ``captions`` section of params.yaml: the text encoder and the cache's layout.
+
+    Attributes:
+        encoder: the text encoder (:class:`demar.text_encoders.TextEncoderConfig`).
+        device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"`` (default ``"auto"``).
+    """
+
+    encoder: TextEncoderConfig = TextEncoderConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 EncodeResult = ShardsWritten  # what encode_captions returns

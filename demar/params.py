@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, create_model, field_validator
 
+from demar.captions import CaptionsStageConfig
 from demar.classifier import ClassifierConfig
 from demar.config import ConfigError, StrictConfig, load_yaml, validate
 from demar.data import DataConfig
@@ -218,6 +219,8 @@ class Params(StrictConfig):
         tokenizer: train a small KL autoencoder, or load KL-16.
         latents: latent extraction.
         classifier: the embedded-domain classifier (feature extractor of the embedded metrics).
+        captions: the text encoder and caption cache of text-conditioned models
+            (``model.context: text``; required then, default None).
         model: model knobs shared by every row (sizes and head switches come from the rows).
         rows: the trained models: name -> :class:`RowConfig`.
         train: the training recipe (the seed is the row's).
@@ -234,6 +237,7 @@ class Params(StrictConfig):
     tokenizer: TokenizerStageConfig = TokenizerStageConfig()
     latents: LatentsConfig = LatentsConfig()
     classifier: ClassifierConfig = ClassifierConfig()
+    captions: CaptionsStageConfig | None = None
     model: ModelSection = ModelSection()  # type: ignore[valid-type]
     rows: dict[str, RowConfig] = Field(default_factory=dict)
     train: TrainSection = TrainSection()  # type: ignore[valid-type]
@@ -377,6 +381,11 @@ def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
     for row in params.rows.values():  # every row must build a model and a training run
         row_model_config(row, params.model, source=source)
         row_train_config(row, params.train, source=source)
+    if params.model.context == "text" and params.captions is None:
+        raise ConfigError(
+            f"invalid configuration in {source}:\n  captions: model.context is 'text', so the text encoder must be "
+            "given (e.g. captions: {encoder: {kind: minilm, max_length: 16}})"
+        )
     check_outside_outputs(params, source)
     return params
 

@@ -83,6 +83,7 @@ from demar.io import (
     UnreadableFileError,
     atomic_write_text,
     ensure_writable,
+    read_json,
     remove_stale_temporaries,
     torch_load,
     torch_save,
@@ -289,7 +290,8 @@ def _training_set(
         raise ConfigError(
             f"model.buffer_size ({model_cfg.buffer_size}) is below the {length} caption tokens of {captions_dir}"
         )
-    return TextLatentDataset(latents, captions, cfg.seed)
+    images = captions_dir / "images.json"  # per image, its captions (written by the encode_captions stage)
+    return TextLatentDataset(latents, captions, cfg.seed, read_json(images) if images.is_file() else None)
 
 
 class _Trainer:
@@ -716,7 +718,9 @@ def train(
         out_dir: where checkpoints, ``metrics.jsonl`` and ``model.pt`` go.
         captions_dir: the caption cache (:class:`demar.captions.CaptionCache` root) of a
             text-conditioned model (``model_cfg.context == "text"``); its captions are
-            paired with the latents' images (default None; required for text).
+            paired with the latents' images, each image with the captions ``images.json``
+            beside the cache lists (without it, caption ``k`` is image ``k``'s) (default None;
+            required for text).
         run: a :class:`demar.tracking.RunLogger` to log metrics and sample grids
             to (default None: local files only).
         callback: ``callback(step, model, ema_model)`` after every step (``step``

@@ -9,8 +9,8 @@ reachability next (either failing is an error before training). Then
 ``demar-<preset>`` (params = the resolved configs, flattened; tags for the git
 commit, dirty tree, DVC stage, row and seed; system metrics).
 
-Inputs: ``data/latents`` and, for the sample grids, ``models/tokenizer.pt``
-(optional). Outputs: ``models/<row>/`` (``model.pt``, ``checkpoints/last.pt``,
+Inputs: ``data/latents``, for text-conditioned rows ``data/captions/train``, and,
+for the sample grids, ``models/tokenizer.pt`` (optional). Outputs: ``models/<row>/`` (``model.pt``, ``checkpoints/last.pt``,
 ``metrics.jsonl``) and ``metrics/train/<row>.json``. A killed run resumes from its
 last checkpoint when started again (declare ``models/<row>`` ``persist: true``) if
 the params and the training code are unchanged; otherwise it starts afresh.
@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--row", required=True, help="the row of params.yaml (rows.<row>)")
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     p.add_argument("--latents", default="data/latents", help="latent cache (default: %(default)s)")
+    p.add_argument("--captions", default="data/captions/train", help="caption cache of text-conditioned rows "
+                   "(default: %(default)s)")
     p.add_argument("--tokenizer", default="models/tokenizer.pt", help="for sample grids (default: %(default)s)")
     p.add_argument("--models", default="models", help="writes <models>/<row>/ (default: %(default)s)")
     p.add_argument("--metrics", default="metrics/train", help="writes <metrics>/<row>.json (default: %(default)s)")
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             model_cfg,
             train_cfg,
             latents_dir=args.latents,
+            captions_dir=args.captions if model_cfg.context == "text" else None,
             out_dir=Path(args.models) / args.row,
             run=run if track else None,
             decode=decode,

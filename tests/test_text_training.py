@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from demar.captions import CaptionCache, CaptionsConfig, encode_captions
@@ -118,3 +119,51 @@ def test_text_training_without_a_matching_cache_is_an_error_naming_the_key(tmp_p
     wrong = text_model_cfg().model_copy(update={"text_dim": WIDTH + 1})
     with pytest.raises(ConfigError, match="model.text_dim is 33 but the caption cache"):
         train(wrong, tiny_train_cfg(), latents_dir=latents, captions_dir=captions, out_dir=tmp_path / "b", progress=False)
+
+
+def test_encode_captions_stage_writes_each_split_once_and_the_train_stage_reads_it(tmp_path, mlflow_uri):
+    from demar.data import DataConfig, prepare
+    from demar.io import read_json
+    from pipelines.encode_captions import main as encode_stage
+    from pipelines.train import main as train_stage
+
+    clip = write_tiny_clip(tmp_path / "clip", width=WIDTH)
+    data = {"kind": "embedded", "embedded": {"num_train": N_IMAGES, "num_reference": 8, "chunk_size": 16}}
+    prepare(DataConfig(**data), tmp_path / "data", progress=False)
+    params = {
+        "preset": "testing",
+        "data": data,
+        "captions": {"encoder": {"kind": "clip", "path": str(clip), "max_length": LENGTH}, "shard_size": 16,
+                     "batch_size": 16, "device": "cpu"},
+        "model": {**TINY_KNOBS, "context": "text", "text_dim": WIDTH},
+        "rows": {"text_mar": {"ablation": "mar", "size": "tiny", "seed": 1}},
+        "train": {"batch_size": 8, "micro_batches": 1, "epochs": 0.5, "warmup_epochs": 0.0, "num_workers": 0,
+                  "checkpoint_every": 10, "log_every": 1},
+        "tracking": {"enabled": True, "system_metrics": False},
+    }  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    encode = ["--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path / "data"), "--out",
+              str(tmp_path / "captions"), "--metrics", str(tmp_path / "captions.json"), "--no-progress"]  # fmt: skip
+    assert encode_stage(encode) == 0
+    first = read_json(tmp_path / "captions.json")
+    assert (first["train_captions"], first["reference_captions"], first["width"]) == (N_IMAGES, 8, WIDTH)
+    assert read_json(tmp_path / "captions" / "train" / "images.json") == [[k] for k in range(N_IMAGES)]
+    cache = CaptionCache(tmp_path / "captions" / "train")
+    assert cache.caption(3) == read_json(tmp_path / "data" / "train" / "captions.json")[3]
+    assert encode_stage(encode) == 0
+    assert read_json(tmp_path / "captions.json")["train_reused_shards"] == 2, "a second run encodes nothing"
+
+    write_latents(tmp_path / "latents", n=N_IMAGES)
+    status = train_stage(
+        ["--row", "text_mar", "--params", str(tmp_path / "params.yaml"), "--latents", str(tmp_path / "latents"),
+         "--captions", str(tmp_path / "captions" / "train"), "--tokenizer", str(tmp_path / "none.pt"),
+         "--models", str(tmp_path / "models"), "--metrics", str(tmp_path / "metrics"), "--no-progress"]
+    )  # fmt: skip
+    assert status == 0 and read_json(tmp_path / "metrics" / "text_mar.json")["steps"] == 2
+
+    del params["captions"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    from demar.params import load_params
+
+    with pytest.raises(ConfigError, match="captions: model.context is 'text'"):
+        load_params(tmp_path / "params.yaml")

@@ -25,9 +25,9 @@ from torch.utils.data import Dataset
 from demar.config import ConfigError, StrictConfig
 from demar.data.embedded import SHAPES, EmbeddedConfig, EmbeddedDataset, write_split
 from demar.data.folder import FolderConfig, FolderDataset, class_folders, read_index, scan, write_index
-from demar.io import write_json
+from demar.io import read_json, write_json
 
-__all__ = ["SPLITS", "DataConfig", "check_classes", "open_split", "prepare", "split_fingerprint"]
+__all__ = ["SPLITS", "DataConfig", "check_classes", "open_split", "prepare", "split_captions", "split_fingerprint"]
 
 SPLITS = ("train", "reference")
 
@@ -134,6 +134,23 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str], *, progress: bool 
         },
     )
     return metrics
+
+
+def split_captions(cfg: DataConfig, data_dir: str | os.PathLike[str], split: str) -> tuple[list[str], list[list[int]]]:
+    """Every caption of a prepared split, and for each image the indices of its captions.
+
+    The embedded shapes have one caption per image (``captions.json``).
+
+    Raises:
+        ConfigError: the data set has no captions (``data.kind`` is named).
+    """
+    if cfg.kind != "embedded":
+        raise ConfigError(
+            f"invalid configuration:\n  data.kind: {cfg.kind!r} has no captions; a text-conditioned model "
+            "(model.context: text) needs a captioned data set (embedded)"
+        )
+    captions = read_json(Path(data_dir) / split / "captions.json")
+    return captions, [[i] for i in range(len(captions))]
 
 
 def open_split(cfg: DataConfig, data_dir: str | os.PathLike[str], split: str = "train") -> Dataset:
