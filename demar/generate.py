@@ -5,14 +5,17 @@ writes them to one folder:
 
 - ``00000.png``, ``00001.png``, ... (or ``shard_00000.npy``, ... uint8 ``[B, H, W, 3]``
   arrays, one per batch, with ``image_format: shards``);
-- ``manifest.json``: every image's file (and index in its shard) and label, the
+- ``manifest.json``: every image's file (and index in its shard), label and, for a
+  text-conditioned run, caption; the
   generation config and sampler settings, the seed, the sha256 of the model and
   tokenizer weights (and of their files when given), and one record per batch;
 - ``grid.png``: a preview, one column per class (evenly spaced over the classes);
 - ``timing.json``: seconds per image and images per second of sampling + decoding.
 
 Labels are class-balanced in a fixed order: image ``i`` has class ``i mod C``, so
-every class has ``num_images / C`` images and every batch mixes the classes.
+every class has ``num_images / C`` images and every batch mixes the classes. A
+text-conditioned model draws image ``i`` from prompt ``i`` of a :class:`Prompts` set
+(caption states, texts and the classes they name) instead.
 
 Batch ``b`` covers images ``[b * batch_size, (b + 1) * batch_size)`` and draws all
 its randomness from its own ``torch.Generator`` seeded from ``(seed, b)``, so a
@@ -62,7 +65,7 @@ from tqdm.auto import tqdm
 
 from demar.config import StrictConfig
 from demar.identity import code_digest
-from demar.images import SAMPLES_FORMAT, SAMPLES_MANIFEST, GeneratedImages, make_grid, to_uint8
+from demar.images import SAMPLES_FORMAT, SAMPLES_MANIFEST, GeneratedImages, make_grid, tile_in_order, to_uint8
 from demar.io import atomic_write_bytes, file_sha256, read_json, remove_stale_temporaries, write_json
 from demar.model import decode_tokens
 from demar.rng import derive_seed
@@ -80,6 +83,7 @@ __all__ = [
     "GenerateMismatchError",
     "GenerateResult",
     "SampleStageConfig",
+    "Prompts",
     "batch_seed",
     "class_labels",
     "generate",
@@ -347,6 +351,30 @@ def _timing(batches: list[dict[str, Any]], cfg: GenerateConfig, device: torch.de
     }
 
 
+@dataclass
+class Prompts:
+    """Caption contexts of a text-conditioned run: image ``i`` is drawn from prompt ``i``.
+
+    Attributes:
+        states: the caption token states ``[n, L, C]`` (n at least the images drawn).
+        captions: the caption text of each prompt.
+        labels: the class each prompt names (scored by the class accuracy), or -1.
+        source: what identifies the prompt set (e.g. the caption cache's manifest hash);
+            part of the run's identity.
+    """
+
+    states: torch.Tensor
+    captions: list[str]
+    labels: list[int]
+    source: str
+
+    def __post_init__(self) -> None:
+        if not len(self.states) == len(self.captions) == len(self.labels):
+            raise ValueError(
+                f"prompts: {len(self.states)} states, {len(self.captions)} captions, {len(self.labels)} labels"
+            )
+
+
 def generate(
     model: DeMAR,
     tokenizer: Tokenizer,
@@ -360,8 +388,9 @@ def generate(
     tokenizer_file: str | os.PathLike[str] | None = None,
     on_mismatch: Literal["error", "restart"] = "error",
     stop_after: int | None = None,
+    prompts: Prompts | None = None,
 ) -> GenerateResult:
-    """Sample ``cfg.num_images`` class-balanced images into ``out_dir`` (resumable).
+    """Sample ``cfg.num_images`` class-balanced images (or one per prompt) into ``out_dir`` (resumable).
 
     The model and tokenizer are used where they are (device from their parameters);
     the caller loads the EMA weights when ``cfg.use_ema`` (``load_model(path, use_ema=True)``).
@@ -381,6 +410,9 @@ def generate(
             files and starts over (default ``"error"``).
         stop_after: stop after computing this many batches, leaving the run unfinished
             as a kill would (default None: run to the end). For tests and time budgets.
+        prompts: for a text-conditioned model, the captions to draw from: image ``i``
+            gets prompt ``i``, its label and caption go into the manifest (default None:
+            class labels).
 
     Returns:
         :class:`GenerateResult` (also when stopped early; then ``grid`` and ``timing`` are
@@ -388,7 +420,12 @@ def generate(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = class_labels(cfg.num_images, num_classes)  # [num_images]
+    if prompts is None:
+        labels = class_labels(cfg.num_images, num_classes)  # [num_images]
+    elif len(prompts.captions) < cfg.num_images:
+        raise ValueError(f"{cfg.num_images} images asked for but only {len(prompts.captions)} prompts given")
+    else:
+        labels = torch.tensor(prompts.labels[: cfg.num_images], dtype=torch.long)  # [num_images]
     param = next(model.parameters())
     device = param.device
     model.eval()
@@ -405,6 +442,7 @@ def generate(
         "tokenizer_scale": float(tokenizer.scale),
         "device_type": device.type,
         "code": image_code_digest(),
+        **({"prompts": prompts.source} if prompts is not None else {}),
     }
     header = {
         "format": SAMPLES_FORMAT,
@@ -439,7 +477,10 @@ def generate(
 
     def sample_batch(b: int) -> tuple[np.ndarray, float, float]:
         idx = folder.batch_indices(b)
-        context = labels[idx.start : idx.stop].to(device)  # [B]
+        if prompts is None:
+            context = labels[idx.start : idx.stop].to(device)  # [B]
+        else:
+            context = prompts.states[idx.start : idx.stop].to(device, torch.float32)  # [B, L, C]
         gen = torch.Generator(device=device).manual_seed(batch_seed(cfg.seed, b))
         _sync(device)
         t0 = time.perf_counter()
@@ -474,11 +515,15 @@ def generate(
                 name = f"{i:0{width}d}.png"
                 atomic_write_bytes(out_dir / name, _png_bytes(image))
                 folder.images[i] = {"image": i, "file": name, "label": int(labels[i])}
+                if prompts is not None:
+                    folder.images[i]["caption"] = prompts.captions[i]
         else:
             name = f"shard_{b:0{width}d}.npy"
             atomic_write_bytes(out_dir / name, _npy_bytes(arrays))
             for k, i in enumerate(idx):
                 folder.images[i] = {"image": i, "file": name, "index": k, "label": int(labels[i])}
+                if prompts is not None:
+                    folder.images[i]["caption"] = prompts.captions[i]
         warmup = n_done == 0 and not extra_warmup
         folder.batches[b] = {
             "batch": b,
@@ -500,7 +545,8 @@ def generate(
 
     timing = _timing([folder.batches[b] for b in sorted(folder.batches)], cfg, device, skipped)
     write_json(out_dir / TIMING, timing)
-    grid = make_grid(GeneratedImages(out_dir, require_complete=False), num_classes, cfg.grid_size)
+    drawn = GeneratedImages(out_dir, require_complete=False)
+    grid = make_grid(drawn, num_classes, cfg.grid_size) if prompts is None else tile_in_order(drawn, cfg.grid_size)
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     atomic_write_bytes(out_dir / GRID, buf.getvalue())

@@ -11,6 +11,7 @@ and a samples folder written by :func:`demar.generate.generate` (:class:`Generat
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "UInt8ImageDataset",
     "list_images",
     "make_grid",
+    "tile_in_order",
     "to_uint8",
     "to_unit",
     "validate_images",
@@ -303,6 +305,24 @@ class GeneratedImages(Dataset):
                 f"{e['file']}|{e.get('index', '')}|{e['label']}|{(self.root / e['file']).stat().st_size}\n".encode()
             )
         return h.hexdigest()
+
+
+def tile_in_order(images: GeneratedImages, grid_size: int, pad: int = 2) -> Image.Image:
+    """A preview of the first ``grid_size`` x ``grid_size`` images in file order (row by row).
+
+    For text-conditioned runs, whose images follow their prompts rather than the classes.
+    """
+    count = min(len(images), grid_size * grid_size)
+    cols = min(grid_size, count)
+    rows = math.ceil(count / cols)
+    first, _ = images[0]
+    _, h, w = first.shape
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(count):
+        image, _ = images[i]
+        y, x = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+        canvas[y : y + h, x : x + w] = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(canvas)
 
 
 def make_grid(images: GeneratedImages, num_classes: int, grid_size: int, pad: int = 2) -> Image.Image:

@@ -167,3 +167,40 @@ def test_encode_captions_stage_writes_each_split_once_and_the_train_stage_reads_
 
     with pytest.raises(ConfigError, match="captions: model.context is 'text'"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_generate_draws_image_i_from_prompt_i_and_records_its_caption(tmp_path):
+    from demar.generate import GenerateConfig, Prompts, generate
+    from demar.io import read_json
+    from test_generate import SETTINGS, tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_size("tiny", token_dim=4, seq_len=64, buffer_size=8, context="text", text_dim=8)
+    model = DeMAR(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    tokenizer = tiny_tokenizer()
+    states = torch.randn(6, 6, 8, generator=g)
+    prompts = Prompts(states, [f"prompt {i}" for i in range(6)], [i % 4 for i in range(6)], source="test")
+    gen_cfg = GenerateConfig.model_validate({"num_images": 6, "batch_size": 3, "seed": 3, "sampler": SETTINGS,
+                                             "grid_size": 2})  # fmt: skip
+
+    result = generate(model, tokenizer, gen_cfg, tmp_path / "a", num_classes=4, progress=False, prompts=prompts)
+    images = read_json(tmp_path / "a" / "manifest.json")["images"]
+    assert [(e["caption"], e["label"]) for e in images] == [(f"prompt {i}", i % 4) for i in range(6)]
+    assert result.labels == prompts.labels and (tmp_path / "a" / "grid.png").is_file()
+
+    def pngs(folder: Path) -> list[bytes]:
+        return [p.read_bytes() for p in sorted(folder.glob("[0-9]*.png"))]
+
+    generate(model, tokenizer, gen_cfg, tmp_path / "b", num_classes=4, progress=False, prompts=prompts)
+    assert pngs(tmp_path / "a") == pngs(tmp_path / "b"), "the same prompts and seed draw the same images"
+    other = Prompts(states.flip(0), prompts.captions, prompts.labels, source="flipped")
+    generate(model, tokenizer, gen_cfg, tmp_path / "c", num_classes=4, progress=False, prompts=other)
+    assert pngs(tmp_path / "c") != pngs(tmp_path / "a"), "the caption states steer the images"
+
+    with pytest.raises(ValueError, match="7 images asked for but only 6 prompts"):
+        generate(model, tokenizer, gen_cfg.model_copy(update={"num_images": 7}), tmp_path / "d", num_classes=4,
+                 progress=False, prompts=prompts)  # fmt: skip
