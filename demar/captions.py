@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,7 @@ __all__ = [
     "CaptionCacheError",
     "CaptionsConfig",
     "CaptionsStageConfig",
+    "Prompts",
     "EncodeResult",
     "captions_code_digest",
     "captions_sha256",
@@ -212,6 +214,30 @@ def encode_captions(
     return EncodeResult(write_manifest(complete=True), reused, len(todo), written, time.perf_counter() - t0)
 
 
+@dataclass
+class Prompts:
+    """Caption contexts of a text-conditioned run: image ``i`` is drawn from prompt ``i``.
+
+    Attributes:
+        states: the caption token states ``[n, L, C]`` (n at least the images drawn).
+        captions: the caption text of each prompt.
+        labels: the class each prompt names (scored by the class accuracy), or -1.
+        source: what identifies the prompt set (e.g. the caption cache's manifest hash);
+            part of the run's identity.
+    """
+
+    states: torch.Tensor
+    captions: list[str]
+    labels: list[int]
+    source: str
+
+    def __post_init__(self) -> None:
+        if not len(self.states) == len(self.captions) == len(self.labels):
+            raise ValueError(
+                f"prompts: {len(self.states)} states, {len(self.captions)} captions, {len(self.labels)} labels"
+            )
+
+
 class CaptionCache:
     """A finished caption cache: ``cache[i] -> (states float32 [L, C], mask bool [L])`` of caption ``i``.
 
@@ -276,6 +302,19 @@ class CaptionCache:
         """The encoding of the empty caption (the null context): float32 ``[L, C]`` and bool ``[L]``."""
         data = torch_load(self.root / self.manifest["null"]["file"])
         return data["states"].float(), data["mask"]
+
+    def prompts(self, labels: Sequence[int], count: int) -> Prompts:
+        """The first ``count`` captions as :class:`Prompts`, caption ``i`` naming class ``labels[i]``.
+
+        Raises:
+            ValueError: the cache holds fewer than ``count`` captions.
+        """
+        if count > self._len:
+            raise ValueError(f"{count} prompts asked for but {self.root} holds {self._len} captions")
+        states = torch.cat([self._shard(s)["states"] for s in range(len(self._entries))])[:count].float()
+        captions = [self.caption(i) for i in range(count)]
+        source = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+        return Prompts(states, captions, [int(x) for x in labels[:count]], source=f"{self.root.name}:{source}")
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All states ``[N, L, C]`` (stored dtype) and masks ``[N, L]`` in memory (small caches)."""

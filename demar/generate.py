@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 
 from demar.config import StrictConfig
 from demar.identity import code_digest
+from demar.captions import Prompts
 from demar.images import SAMPLES_FORMAT, SAMPLES_MANIFEST, GeneratedImages, make_grid, tile_in_order, to_uint8
 from demar.io import atomic_write_bytes, file_sha256, read_json, remove_stale_temporaries, write_json
 from demar.model import decode_tokens
@@ -83,7 +84,6 @@ __all__ = [
     "GenerateMismatchError",
     "GenerateResult",
     "SampleStageConfig",
-    "Prompts",
     "batch_seed",
     "class_labels",
     "generate",
@@ -349,30 +349,6 @@ def _timing(batches: list[dict[str, Any]], cfg: GenerateConfig, device: torch.de
         "diffusion_steps": cfg.sampler.diffusion_steps,
         "torch_threads": torch.get_num_threads(),
     }
-
-
-@dataclass
-class Prompts:
-    """Caption contexts of a text-conditioned run: image ``i`` is drawn from prompt ``i``.
-
-    Attributes:
-        states: the caption token states ``[n, L, C]`` (n at least the images drawn).
-        captions: the caption text of each prompt.
-        labels: the class each prompt names (scored by the class accuracy), or -1.
-        source: what identifies the prompt set (e.g. the caption cache's manifest hash);
-            part of the run's identity.
-    """
-
-    states: torch.Tensor
-    captions: list[str]
-    labels: list[int]
-    source: str
-
-    def __post_init__(self) -> None:
-        if not len(self.states) == len(self.captions) == len(self.labels):
-            raise ValueError(
-                f"prompts: {len(self.states)} states, {len(self.captions)} captions, {len(self.labels)} labels"
-            )
 
 
 def generate(

@@ -7,6 +7,10 @@ Reads ``params.yaml`` (``sample:``, ``rows.<row>``, ``preset``; the settings com
 ``grid.png`` and ``timing.json`` (see :mod:`demar.generate`). A killed run resumes
 where it stopped when started again (declare the folder ``persist: true``).
 
+A text-conditioned row draws image ``i`` from the caption of reference image ``i``
+(``data/captions/reference``, written by ``encode_captions``); the manifest records
+each image's caption and the class its caption names.
+
 With ``--untrained`` it draws ``sample.untrained_num_images`` images, with the same
 settings, from a freshly initialised model of the same config (seeded as training
 seeds its initial weights) into ``samples/<row>_untrained/``: evaluation reports
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from demar.captions import Prompts
 from demar.config import ConfigError
 from demar.distributed import resolve_device
 from demar.generate import GenerateResult, generate
@@ -29,6 +34,7 @@ from demar.model import DeMAR, ModelConfig, ModelMismatchError, load_model
 from demar.rng import derive_seed
 from demar.tokenizer import Tokenizer
 from demar.tracking import RunLogger, stage_run
+from demar.params import Params
 from pipelines import load_stage_params, run_stage
 
 
@@ -82,6 +88,21 @@ def untrained_like(model: DeMAR, seed: int) -> DeMAR:
     return fresh.to(device).eval()
 
 
+def reference_prompts(params: Params, captions_dir: Path, data_dir: Path, count: int) -> Prompts:
+    """The captions of the first ``count`` reference images, each naming its image's class.
+
+    Raises:
+        ConfigError: the caption cache is missing (the ``encode_captions`` stage writes it).
+    """
+    from demar.captions import CaptionCache
+    from demar.data import open_split
+
+    if not (captions_dir / "manifest.json").is_file():
+        raise ConfigError(f"caption cache not found: {captions_dir} (the encode_captions stage writes it)")
+    labels = open_split(params.data, data_dir, "reference").labels
+    return CaptionCache(captions_dir).prompts([int(x) for x in labels], count)
+
+
 def log_result(run: RunLogger, result: GenerateResult) -> None:
     """Log a :func:`demar.generate.generate` result: the grid as an image, timing as metrics."""
     with Image.open(result.grid) as grid:
@@ -96,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p = arg_parser(__doc__)
     p.add_argument("--out", default="samples", help="samples folder (default: %(default)s)")
     p.add_argument("--untrained", action="store_true", help="sample a freshly initialised model instead")
+    p.add_argument("--captions", default="data/captions/reference", help="text rows: the prompts' caption cache "
+                   "(default: %(default)s)")
+    p.add_argument("--data", default=None, help="text rows: the prepared data, for the classes the prompts name "
+                   "(default: data/<data.kind>)")
     args = p.parse_args(argv)
 
     params = load_stage_params(args.params)
@@ -106,10 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_file = Path(args.models) / "tokenizer.pt"
     expected = params.row_model(args.row)
     model = load_row_model(model_file, expected, args.row, use_ema=section.use_ema, device=device)
-    if model.cfg.context != "class":
-        raise ConfigError(
-            f"{model_file}: the sample stage draws class-conditional images, the model is {model.cfg.context!r}"
-        )
     tokenizer = Tokenizer.load(tokenizer_file, map_location=device)
     if args.untrained:
         model = untrained_like(model, row.seed)
@@ -119,13 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = params.sample_config(args.row)
         out_dir, stage, source = Path(args.out) / args.row, "sample", model_file
 
+    prompts = None
+    if model.cfg.context == "text":  # image i from the caption of reference image i
+        prompts = reference_prompts(params, Path(args.captions), Path(args.data or f"data/{params.data.kind}"),
+                                    cfg.num_images)  # fmt: skip
     with stage_run(
         stage, preset=preset, row=args.row, seed=row.seed, params={"sample": cfg.model_dump(mode="json")},
         enabled=tracking.enabled and not args.no_mlflow, system_metrics=tracking.system_metrics,
     ) as run:  # fmt: skip
         result = generate(
             model, tokenizer, cfg, out_dir, num_classes=model.cfg.num_classes, progress=not args.no_progress,
-            run=run, model_file=source, tokenizer_file=tokenizer_file, on_mismatch="restart",
+            run=run, model_file=source, tokenizer_file=tokenizer_file, on_mismatch="restart", prompts=prompts,
         )  # fmt: skip
         log_result(run, result)
     spi = result.sec_per_image

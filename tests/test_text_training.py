@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 import torch
@@ -161,6 +162,25 @@ def test_encode_captions_stage_writes_each_split_once_and_the_train_stage_reads_
     )  # fmt: skip
     assert status == 0 and read_json(tmp_path / "metrics" / "text_mar.json")["steps"] == 2
 
+    # The sample stage draws image i from the caption of reference image i.
+    from demar.tokenizer import Tokenizer, TokenizerConfig
+    from pipelines.sample import main as sample_stage
+
+    tok_cfg = TokenizerConfig(resolution=16, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, decoder_res_blocks=1,
+                              attn_resolutions=(), z_channels=4, embed_dim=4, norm_groups=4)  # fmt: skip
+    Tokenizer(tok_cfg, scale=1.0).save(tmp_path / "models" / "tokenizer.pt")
+    params["sample"] = {"num_images": 4, "batch_size": 2, "untrained_num_images": 2, "grid_size": 2,
+                        "sampler": {"num_iter": 2, "diffusion_steps": 3}}  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    sample = ["--row", "text_mar", "--params", str(tmp_path / "params.yaml"), "--models", str(tmp_path / "models"),
+              "--captions", str(tmp_path / "captions" / "reference"), "--data", str(tmp_path / "data"),
+              "--out", str(tmp_path / "samples"), "--no-progress"]  # fmt: skip
+    assert sample_stage(sample) == 0
+    drawn = read_json(tmp_path / "samples" / "text_mar" / "manifest.json")["images"]
+    reference = tmp_path / "data" / "reference"
+    assert [e["caption"] for e in drawn] == read_json(reference / "captions.json")[:4]
+    assert [e["label"] for e in drawn] == np.load(reference / "labels.npy")[:4].tolist()
+
     del params["captions"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     from demar.params import load_params
@@ -170,7 +190,8 @@ def test_encode_captions_stage_writes_each_split_once_and_the_train_stage_reads_
 
 
 def test_generate_draws_image_i_from_prompt_i_and_records_its_caption(tmp_path):
-    from demar.generate import GenerateConfig, Prompts, generate
+    from demar.captions import Prompts
+    from demar.generate import GenerateConfig, generate
     from demar.io import read_json
     from test_generate import SETTINGS, tiny_tokenizer
 
