@@ -8,7 +8,9 @@ preset (extractor ``demar-classifier``) it also reports the share of samples the
 classifier assigns to the class they were drawn for. With ``--untrained-samples``
 (``samples/<row>_untrained/``) the same FID and class accuracy of an untrained
 model of the same config are reported as ``fid_untrained`` and
-``class_accuracy_untrained``.
+``class_accuracy_untrained``. For a text row (a manifest with captions), the class is
+the shape its caption names, and ``colour_accuracy`` is the share of images whose
+shape has the colour the caption names, read from the pixels (null for class rows).
 
 Writes ``metrics/evaluate/<row>.json`` with the keys of docs/architecture.md
 (unknown values are null) and logs them to an MLflow run tagged with the row and seed.
@@ -56,6 +58,22 @@ def sample_class_accuracy(cfg: EvaluateConfig, samples: Path, device: str) -> fl
         return None
     classifier = load_classifier(cfg.extractor_spec().checked_weights(), map_location=device)
     return class_accuracy(open_images(samples, validate=False), labels, classifier)
+
+
+def sample_colour_accuracy(samples: Path) -> float | None:
+    """Fraction of a text row's images whose shape has the colour their caption names, read from the
+    pixels (:func:`demar.data.embedded.colour_accuracy`); None for class rows or captions without colours."""
+    from demar.data.embedded import colour_accuracy
+    from demar.images import GeneratedImages
+
+    manifest_path = samples / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    entries = read_json(manifest_path).get("images") or []
+    if not entries or any("caption" not in e for e in entries):
+        return None
+    drawn = GeneratedImages(samples)
+    return colour_accuracy([drawn[i][0] for i in range(len(drawn))], [e["caption"] for e in entries])
 
 
 def sec_per_image(samples: Path) -> float | None:
@@ -110,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             "family": family_of(row.ablation),
             **{k: scores.get(k) for k in METRIC_KEYS},
             "class_accuracy": sample_class_accuracy(cfg, samples, str(device)),
+            "colour_accuracy": sample_colour_accuracy(samples),
             "fid_untrained": None,
             "class_accuracy_untrained": None,
+            "colour_accuracy_untrained": None,
             "sec_per_image": sec_per_image(samples),
             "num_images": len(images),
             "params_total": params_total(Path(args.train_metrics) if args.train_metrics else None),
@@ -120,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             untrained_scores = compute_metrics(open_images(untrained), reference, **{**kwargs, "metrics": ("fid",)})
             record["fid_untrained"] = untrained_scores["fid"]
             record["class_accuracy_untrained"] = sample_class_accuracy(cfg, untrained, str(device))
+            record["colour_accuracy_untrained"] = sample_colour_accuracy(untrained)
         wall_s = time.perf_counter() - start
         write_json(out_file, record)
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -225,3 +225,22 @@ def test_generate_draws_image_i_from_prompt_i_and_records_its_caption(tmp_path):
     with pytest.raises(ValueError, match="7 images asked for but only 6 prompts"):
         generate(model, tokenizer, gen_cfg.model_copy(update={"num_images": 7}), tmp_path / "d", num_classes=4,
                  progress=False, prompts=prompts)  # fmt: skip
+
+
+def test_colour_read_from_pixels_matches_the_caption_of_real_shapes():
+    from demar.data.embedded import EmbeddedConfig, caption_colour, colour_accuracy, generate, named_colour
+
+    preset_like = EmbeddedConfig(num_train=200, num_reference=16, positions=["center"], sizes=["large"],
+                                 backgrounds=["dark"])  # fmt: skip
+    images, _, captions = generate(preset_like, "train", progress=False)
+    assert caption_colour(captions[0]) in captions[0].split()
+    assert colour_accuracy(list(images), captions) >= 0.97
+    every_variation = EmbeddedConfig(num_train=200, num_reference=16)
+    images, _, captions = generate(every_variation, "train", progress=False)
+    assert colour_accuracy(list(images), captions) >= 0.8, "small shapes and gradients too, mostly"
+
+    blank = torch.full((3, 32, 32), 30, dtype=torch.uint8)
+    assert named_colour(blank) is None, "no shape, no colour"
+    assert colour_accuracy([blank], ["a big square"]) is None, "no colour asked for"
+    shuffled = captions[1:] + captions[:1]
+    assert colour_accuracy(list(images), shuffled) < 0.4, "the wrong captions score low"

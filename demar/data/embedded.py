@@ -34,6 +34,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -58,7 +59,10 @@ __all__ = [
     "Background",
     "EmbeddedConfig",
     "EmbeddedDataset",
+    "caption_colour",
     "caption_of",
+    "colour_accuracy",
+    "named_colour",
     "captions",
     "draw_attributes",
     "generate",
@@ -620,3 +624,48 @@ def position_of(cx: float, cy: float, radius: float, resolution: int, margin: fl
     col = min(2, max(0, math.floor(3 * (cx - lo) / (hi - lo))))
     row = min(2, max(0, math.floor(3 * (cy - lo) / (hi - lo))))
     return POSITIONS[3 * row + col]
+
+
+# --------------------------------------------------------------------------- colour of a drawn shape
+
+_SHAPE_DISTANCE = 60.0
+"""RGB distance from the background estimate beyond which a pixel counts as the shape's."""
+
+
+def named_colour(image: torch.Tensor) -> str | None:
+    """The :data:`COLOURS` name nearest the shape's colour in ``image`` (uint8 ``[3, H, W]``), or None.
+
+    The background is estimated as the median of the border pixels (shapes keep a
+    margin from the border); the shape's pixels are those farther than 60 in RGB from
+    it, and their median colour is matched to the nearest named colour. None when no
+    pixel stands out (no shape was drawn).
+    """
+    pixels = image.float().permute(1, 2, 0)  # [H, W, 3]
+    border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # [4R, 3]
+    background = border.median(dim=0).values  # [3]
+    flat = pixels.reshape(-1, 3)
+    shape = flat[(flat - background).norm(dim=1) > _SHAPE_DISTANCE]  # [n, 3]
+    if len(shape) == 0:
+        return None
+    colour = shape.median(dim=0).values  # [3]
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # [8, 3]
+    return list(COLOURS)[int((palette - colour).norm(dim=1).argmin())]
+
+
+def caption_colour(caption: str) -> str | None:
+    """The :data:`COLOURS` name a caption asks for (its first colour word), or None."""
+    return next((word for word in caption.split() if word in COLOURS), None)
+
+
+def colour_accuracy(images: Sequence[torch.Tensor], captions: Sequence[str]) -> float | None:
+    """Fraction of images whose shape has the colour their caption names (None if no caption names one).
+
+    Args:
+        images: uint8 ``[3, H, W]`` each.
+        captions: the caption each image was drawn from.
+    """
+    pairs = [(image, caption_colour(c)) for image, c in zip(images, captions, strict=True)]
+    asked = [(image, colour) for image, colour in pairs if colour is not None]
+    if not asked:
+        return None
+    return sum(named_colour(image) == colour for image, colour in asked) / len(asked)
