@@ -244,3 +244,22 @@ def test_colour_read_from_pixels_matches_the_caption_of_real_shapes():
     assert colour_accuracy([blank], ["a big square"]) is None, "no colour asked for"
     shuffled = captions[1:] + captions[:1]
     assert colour_accuracy(list(images), shuffled) < 0.4, "the wrong captions score low"
+
+
+def test_table3_puts_our_text_rows_beside_the_papers():
+    from reports.data import RowData
+    from reports.tables import build_table3, to_markdown
+
+    def row(name: str, ablation: str, seed: int, fid: float) -> RowData:
+        evaluate = {"fid": fid, "num_images": 500, "class_accuracy": 0.8, "colour_accuracy": 0.9}
+        return RowData(name, RowConfig(ablation=ablation, size="tiny", seed=seed), {}, evaluate, None, None)
+
+    rows = [row("mar", "mar", 0, 30.0), row("mar_1", "mar", 1, 32.0), row("demar", "demar", 0, 28.0)]
+    table = build_table3(rows, preset="embedded_text")
+    ours = table.numeric[table.numeric["ours"] == True]  # noqa: E712
+    assert list(ours["model"]) == ["MAR-tiny (ours, embedded_text)", "De-MAR-tiny (ours, embedded_text)"]
+    assert list(ours["fid"]) == [31.0, 28.0] and list(ours["seeds"]) == [2, 1]
+    paper = table.numeric[table.numeric["ours"] == False]  # noqa: E712
+    assert dict(zip(paper["model"], paper["fid"]))["De-MAR"] == 5.27 and len(paper) == 11
+    text = to_markdown(table.display)
+    assert "| Mask. | MAR-tiny (ours, embedded_text) | 31.00 [" in text and "Colour acc." in text
