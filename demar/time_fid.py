@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from demar.captions import Prompts
 from demar.config import StrictConfig
 from demar.generate import IMAGE_CODE, GenerateConfig, generate, weights_sha256
 from demar.identity import code_digest
@@ -68,6 +69,7 @@ def sweep_steps(
     score_key: str = "",
     progress: bool = True,
     run: RunLogger | None = None,
+    prompts: Prompts | None = None,
 ) -> list[dict[str, Any]]:
     """Time and score the model at every ``(ar_steps, diffusion_steps)`` pair.
 
@@ -79,7 +81,7 @@ def sweep_steps(
     unfinished point resumes.
 
     Args:
-        model: the class-conditional model (EMA weights loaded by the caller).
+        model: the model (EMA weights loaded by the caller).
         tokenizer: the tokenizer bundle.
         base: seed, batch size, format and the sampler knobs not swept.
         sweep: the step counts, image count and batch size of the sweep.
@@ -90,6 +92,7 @@ def sweep_steps(
             with each point so that a changed scorer recomputes it.
         progress: show tqdm bars.
         run: an MLflow run; each point is logged at ``step = K``.
+        prompts: a text-conditioned model's prompts (image ``i`` from prompt ``i``; default None).
 
     Returns:
         One ``{"ar_steps", "diffusion_steps", "sec_per_image", "fid"}`` per point, in
@@ -102,6 +105,7 @@ def sweep_steps(
         "num_classes": num_classes,
         "score_key": score_key,
         "code": code_digest(__name__, *IMAGE_CODE),
+        **({"prompts": prompts.source} if prompts is not None else {}),
     }
     points = []
     for t in sweep.diffusion_steps:
@@ -126,7 +130,8 @@ def sweep_steps(
                 print(f"{record_path}: recorded with other {diff}; computing the point afresh", file=sys.stderr)
             folder = scratch / name
             result = generate(
-                model, tokenizer, cfg, folder, num_classes=num_classes, progress=progress, on_mismatch="restart"
+                model, tokenizer, cfg, folder, num_classes=num_classes, progress=progress, on_mismatch="restart",
+                prompts=prompts,
             )
             point = {
                 "ar_steps": k,

@@ -6,7 +6,8 @@ device), ``data``, ``preset`` and ``tracking``. Reads the prepared splits
 ``data/captions/<split>/`` (shards, the null caption's encoding, ``manifest.json``;
 see :mod:`demar.captions`) and ``images.json`` (for each image, the indices of its
 captions), and ``metrics/captions.json``. Training and sampling read the states from
-the cache and never run the encoder. A killed run keeps its finished shards and
+the cache and never run the encoder. With ``captions: null`` (the class-conditional
+presets) it only writes ``data/captions/unused.json``, so one DAG serves both. A killed run keeps its finished shards and
 continues from them when started again (declare ``data/captions`` ``persist: true``).
 
 ``python -m pipelines.encode_captions [--data data/embedded] [--out data/captions]``
@@ -39,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_stage_params(args.params)
     cfg, data_cfg = params.captions, params.data
-    if cfg is None:
-        from demar.config import ConfigError
-
-        raise ConfigError(f"invalid configuration in {args.params}:\n  captions: not set; nothing to encode")
+    if cfg is None:  # a class-conditional preset: the stage leaves a marker, so the DAG is the same for both
+        write_json(Path(args.out) / "unused.json", {"reason": "captions: null (class-conditional models)"})
+        write_json(args.metrics, {"encoder": None})
+        print(f"captions: null, nothing to encode; wrote {args.out}/unused.json")
+        return 0
     data_dir = Path(args.data or f"data/{data_cfg.kind}")
     splits = {split: split_captions(data_cfg, data_dir, split) for split in SPLITS}  # a data error before any work
     with stage_run(

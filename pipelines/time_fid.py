@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p = arg_parser(__doc__)
     p.add_argument("--scratch", default="samples/time_fid", help="folder of the points' images (default: %(default)s)")
     p.add_argument("--out", default="metrics/time_fid", help="metrics folder (default: %(default)s)")
+    p.add_argument("--captions", default="data/captions/reference", help="text rows: the prompts' caption cache "
+                   "(default: %(default)s)")
+    p.add_argument("--data", default=None, help="text rows: the prepared data (default: data/<data.kind>)")
     args = p.parse_args(argv)
 
     params = load_stage_params(args.params)
@@ -68,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         f"|{code_digest('demar.metrics')}"
     )
     base = params.sample_config(args.row)
+    prompts = None
+    if model.cfg.context == "text":  # as the sample stage: image i from the caption of reference image i
+        from pipelines.sample import reference_prompts
+
+        data_dir = Path(args.data or f"data/{params.data.kind}")
+        prompts = reference_prompts(params, Path(args.captions), data_dir, params.time_fid.num_images)
     with stage_run(
         "time_fid", preset=preset, row=args.row, seed=row.seed,
         params={"time_fid": sweep.model_dump(mode="json"), "sample": base.model_dump(mode="json")},
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as run:  # fmt: skip
         points = sweep_steps(
             model, tokenizer, base, sweep, Path(args.scratch) / args.row, num_classes=model.cfg.num_classes,
-            score=score, score_key=score_key, progress=not args.no_progress, run=run,
+            score=score, score_key=score_key, progress=not args.no_progress, run=run, prompts=prompts,
         )  # fmt: skip
         write_json(out_file, {**record, "points": points})
         run.log_dict({**record, "points": points}, "time_fid.json")
