@@ -6,6 +6,8 @@ output folder (``reports/out/`` by default):
 
 * ``table4.{csv,md,tex}``: the ablation table, ours beside the paper's;
 * ``table2.{csv,md,tex}``: the paper's system comparison with our rows in the Mask. group;
+* ``table3.{csv,md,tex}`` (text presets, instead of Tables 4 and 2): the paper's MS-COCO
+  table with our text rows, and a section of samples each under its prompt;
 * ``rows.{csv,md,tex}``: one line per row, unaveraged;
 * ``fig4a_time_fid.{png,svg}``, ``fig4b_params_fid.{png,svg}``: Figure 4;
 * ``fig_train_curves.{png,svg}``: training curves from MLflow (when it has them);
@@ -24,13 +26,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from demar.io import atomic_write_text
+from demar.io import atomic_write_text, read_json
 from demar.params import Params
 from reports import figures
 from reports.data import RowData, load_row_data
 from reports.html import image_tag, render_page, table_html
 from reports.mlflow_runs import MlflowComparison, compare_runs
-from reports.tables import Table, build_rows_table, build_table2, build_table4, paper_table, to_markdown, write_table
+from reports.tables import (
+    Table,
+    build_rows_table,
+    build_table2,
+    build_table3,
+    build_table4,
+    paper_table,
+    to_markdown,
+    write_table,
+)
 
 __all__ = ["ReportResult", "arg_parser", "build_report", "main"]
 
@@ -69,6 +80,23 @@ def _grids_html(rows: list[RowData], max_px: int | None) -> str:
     return f'<div class="grids">{"".join(cells)}</div>'
 
 
+def _prompted_html(rows: list[RowData], samples_dir: Path, max_px: int | None, count: int = 10) -> str:
+    """The first ``count`` samples of each text row, each with the prompt it was drawn from beneath it."""
+    blocks = []
+    for row in rows:
+        manifest = samples_dir / row.name / "manifest.json"
+        entries = read_json(manifest).get("images", [])[:count] if manifest.is_file() else []
+        cells = [
+            f"<figure>{image_tag(samples_dir / row.name / e['file'], e['caption'], max_px)}"
+            f"<figcaption>{escape(e['caption'])}</figcaption></figure>"
+            for e in entries
+            if "caption" in e and e["file"].endswith(".png")
+        ]
+        body = "".join(cells) or "<p>no captioned samples</p>"
+        blocks.append(f"<h3>{escape(row.name)}</h3><div class=\"grids\">{body}</div>")
+    return "".join(blocks)
+
+
 def build_report(
     params_path: Params | str | os.PathLike[str] = "params.yaml",
     metrics_dir: str | os.PathLike[str] = "metrics",
@@ -99,9 +127,11 @@ def build_report(
     outputs: list[Path] = []
     notes: list[str] = []
 
-    tables = {
-        t.stem: t
-        for t in (
+    text = params.model.context == "text"  # a text-to-image preset: Table 3 instead of Tables 4 and 2
+    paper_tables = (
+        [build_table3(rows, preset=preset, confidence=cfg.confidence)]
+        if text
+        else [
             build_table4(
                 rows,
                 preset=preset,
@@ -109,9 +139,9 @@ def build_report(
                 sizes=list(cfg.table4_sizes) if cfg.table4_sizes else None,
             ),
             build_table2(rows, preset=preset, confidence=cfg.confidence, ours_with_cfg=cfg.ours_with_cfg),
-            build_rows_table(rows),
-        )
-    }
+        ]
+    )
+    tables = {t.stem: t for t in (*paper_tables, build_rows_table(rows))}
     for table in tables.values():
         outputs += write_table(table, out)
 
@@ -160,12 +190,19 @@ def build_report(
         f"De-MAR reproduction report ({preset})",
         [
             ("Overview", overview),
-            ("Table 4: ablations", table_html(tables["table4"])),
-            ("Table 2: ImageNet 256x256", table_html(tables["table2"])),
+            *(
+                [("Table 3: MS-COCO 256x256, text-to-image", table_html(tables["table3"]))]
+                if text
+                else [
+                    ("Table 4: ablations", table_html(tables["table4"])),
+                    ("Table 2: ImageNet 256x256", table_html(tables["table2"])),
+                ]
+            ),
             ("Figure 4 and training curves", figure_html),
             ("Our rows", table_html(tables["rows"])),
             ("MLflow runs", mlflow_html),
             ("Sample grids", _grids_html(rows, cfg.grid_max_px)),
+            *([("Samples and their prompts", _prompted_html(rows, Path(samples_dir), cfg.grid_max_px))] if text else []),
         ],
     )
     index = out / "index.html"
