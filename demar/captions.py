@@ -303,18 +303,27 @@ class CaptionCache:
         data = torch_load(self.root / self.manifest["null"]["file"])
         return data["states"].float(), data["mask"]
 
-    def prompts(self, labels: Sequence[int], count: int) -> Prompts:
-        """The first ``count`` captions as :class:`Prompts`, caption ``i`` naming class ``labels[i]``.
+    def prompts(self, indices: Sequence[int], labels: Sequence[int], draw: str = "") -> Prompts:
+        """Captions ``indices`` as :class:`Prompts` (states in the stored dtype), caption ``indices[k]`` naming ``labels[k]``.
+
+        Args:
+            indices: the caption of each prompt.
+            labels: the class each prompt names, or -1.
+            draw: how ``indices`` were chosen, part of the prompts' identity (default "").
 
         Raises:
-            ValueError: the cache holds fewer than ``count`` captions.
+            IndexError: an index is outside the cache.
         """
-        if count > self._len:
-            raise ValueError(f"{count} prompts asked for but {self.root} holds {self._len} captions")
-        states = torch.cat([self._shard(s)["states"] for s in range(len(self._entries))])[:count].float()
-        captions = [self.caption(i) for i in range(count)]
+        states = torch.stack([self._states(i) for i in indices]) if len(indices) else torch.empty(0)
+        captions = [self.caption(i) for i in indices]
         source = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
-        return Prompts(states, captions, [int(x) for x in labels[:count]], source=f"{self.root.name}:{source}")
+        return Prompts(states, captions, [int(x) for x in labels], source=f"{self.root.name}:{source}{draw}")
+
+    def _states(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self._len:
+            raise IndexError(f"index {i} out of range for {self._len} captions")
+        s = bisect.bisect_right(self._starts, i) - 1
+        return self._shard(s)["states"][i - self._starts[s]]
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All states ``[N, L, C]`` (stored dtype) and masks ``[N, L]`` in memory (small caches)."""

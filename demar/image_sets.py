@@ -15,6 +15,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from demar.data.coco import INDEX_FORMAT as COCO_FORMAT
+from demar.data.coco import open_prepared as open_prepared_coco
 from demar.data.embedded import FORMAT as EMBEDDED_FORMAT
 from demar.data.embedded import EmbeddedDataset
 from demar.images import (
@@ -54,6 +56,8 @@ def open_images(root: str | os.PathLike[str], *, validate: bool = True) -> Datas
     """The images of a folder as a Dataset of uint8 ``[3, H, W]`` tensors.
 
     * an embedded data set split (``images.npy`` and its manifest): its images;
+    * a prepared MS-COCO split (``index.json`` of the data stage): its images, centre-cropped
+      and resized as the index records;
     * a samples folder of :func:`demar.generate.generate` (``manifest.json`` of format
       ``demar-samples``): the images its manifest lists, in order (not ``grid.png``);
       an unfinished run (manifest not ``complete``) is an error;
@@ -70,6 +74,10 @@ def open_images(root: str | os.PathLike[str], *, validate: bool = True) -> Datas
     embedded = open_embedded_split(root)
     if embedded is not None:
         return embedded
+    coco = open_prepared_coco(root, output="uint8")
+    if coco is not None:  # identity: the index (annotations' hash, image list, preprocessing)
+        identity = hashlib.sha256(f"{COCO_FORMAT}|{file_sha256(root / 'index.json')}".encode()).hexdigest()
+        return UInt8ImageDataset(coco, identity=identity)
     manifest = _folder_manifest(root)
     if manifest.get("format") == SAMPLES_FORMAT:
         entries = manifest.get("images", [])

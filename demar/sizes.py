@@ -19,6 +19,12 @@ tokens, learn_sigma, denoising-head hidden width = D), from ``demar params``:
 De-MAR's total is the backbone (MAR minus its MLP head), the Transformer head and
 the denoising head (1.23M / 2.17M / 3.36M).
 
+``S`` is the light model of the MS-COCO experiment (Table 3): the paper gives only its
+16 MAR blocks, split as MAR splits them (8 encoder + 8 decoder). We take the width of
+the Table 3 peers of the same scale (U-ViT-S: 512, 8 heads) and scale the heads down
+from B (MLP head 3 x 768, Transformer head 3 x 512): 62.84M for MAR and 63.07M for
+De-MAR at MS-COCO 256 (N = 256 tokens of d = 16, 77 caption tokens of width 768).
+
 ``micro``, ``tiny`` and ``small`` are for CPU work (``micro`` is the smallest member of
 the embedded preset's size families) at N = 64 tokens of d = 4..8: tiny trains
 a few hundred steps in minutes on two cores; small has about 3.9x tiny's
@@ -78,6 +84,7 @@ SIZES: dict[str, SizeSpec] = {
     "micro": SizeSpec(64, 1, 4, 2, 96, 2, 64, 4),
     "tiny": SizeSpec(96, 2, 4, 2, 128, 2, 96, 4),
     "small": SizeSpec(160, 3, 5, 3, 224, 2, 192, 6),
+    "S": SizeSpec(512, 8, 8, 3, 768, 3, 512, 8),
     "B": SizeSpec(768, 12, 12, 6, 1024, 4, 1024, 16),
     "L": SizeSpec(1024, 16, 16, 8, 1280, 6, 1216, 16),
     "H": SizeSpec(1280, 20, 16, 12, 1536, 9, 1344, 16),

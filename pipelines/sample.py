@@ -29,7 +29,7 @@ from demar.captions import Prompts
 from demar.config import ConfigError
 from demar.distributed import resolve_device
 from demar.generate import GenerateResult, generate
-from demar.io import UnreadableFileError, UnsafeFileError
+from demar.io import UnreadableFileError, UnsafeFileError, read_json
 from demar.model import DeMAR, ModelConfig, ModelMismatchError, load_model
 from demar.rng import derive_seed
 from demar.tokenizer import Tokenizer
@@ -88,19 +88,30 @@ def untrained_like(model: DeMAR, seed: int) -> DeMAR:
     return fresh.to(device).eval()
 
 
-def reference_prompts(params: Params, captions_dir: Path, data_dir: Path, count: int) -> Prompts:
-    """The captions of the first ``count`` reference images, each naming its image's class.
+def reference_prompts(params: Params, captions_dir: Path, data_dir: Path, count: int, seed: int) -> Prompts:
+    """One caption of each of the first ``count`` reference images, each naming its image's class.
+
+    An image with several captions (MS-COCO) gets one drawn uniformly by a generator
+    seeded from ``seed``; the draw is part of the prompts' identity.
 
     Raises:
-        ConfigError: the caption cache is missing (the ``encode_captions`` stage writes it).
+        ConfigError: the caption cache is missing (the ``encode_captions`` stage writes it), or it
+            has fewer images than ``count``.
     """
     from demar.captions import CaptionCache
     from demar.data import open_split
 
     if not (captions_dir / "manifest.json").is_file():
         raise ConfigError(f"caption cache not found: {captions_dir} (the encode_captions stage writes it)")
+    groups = read_json(captions_dir / "images.json")[:count]  # each image's caption indices
+    if len(groups) < count:
+        raise ConfigError(f"{count} images asked for but {captions_dir} holds the captions of {len(groups)} images")
+    g = torch.Generator().manual_seed(derive_seed(seed, "prompts"))
+    picks = torch.randint(0, 2**31, (count,), generator=g).tolist()
+    indices = [group[p % len(group)] for group, p in zip(groups, picks, strict=True)]
     labels = open_split(params.data, data_dir, "reference").labels
-    return CaptionCache(captions_dir).prompts([int(x) for x in labels], count)
+    draw = f"|seed={seed}" if any(len(group) > 1 for group in groups) else ""
+    return CaptionCache(captions_dir).prompts(indices, [int(x) for x in labels[:count]], draw=draw)
 
 
 def log_result(run: RunLogger, result: GenerateResult) -> None:
@@ -143,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = None
     if model.cfg.context == "text":  # image i from the caption of reference image i
         prompts = reference_prompts(params, Path(args.captions), Path(args.data or f"data/{params.data.kind}"),
-                                    cfg.num_images)  # fmt: skip
+                                    cfg.num_images, cfg.seed)  # fmt: skip
     with stage_run(
         stage, preset=preset, row=args.row, seed=row.seed, params={"sample": cfg.model_dump(mode="json")},
         enabled=tracking.enabled and not args.no_mlflow, system_metrics=tracking.system_metrics,

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.sample import reference_prompts
 
         data_dir = Path(args.data or f"data/{params.data.kind}")
-        prompts = reference_prompts(params, Path(args.captions), data_dir, params.time_fid.num_images)
+        prompts = reference_prompts(params, Path(args.captions), data_dir, params.time_fid.num_images, base.seed)
     with stage_run(
         "time_fid", preset=preset, row=args.row, seed=row.seed,
         params={"time_fid": sweep.model_dump(mode="json"), "sample": base.model_dump(mode="json")},

@@ -26,6 +26,9 @@ from demar.data.folder import BadImageError
 from demar.images import to_unit
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def write_coco(root: Path, sizes: dict[int, tuple[int, int]], captions: dict[int, list[str]]) -> CocoSplit:
     """Images ``COCO_train2014_<id>.jpg`` of the given sizes and an official-format captions file."""
     images = root / "train2014"
@@ -165,3 +168,84 @@ def test_config_is_strict():
         validate(CocoConfig, {"train": split, "on_bad_image": "ignore"}, prefix="data.coco")
     with pytest.raises(FileNotFoundError, match="MS-COCO images folder not found"):
         scan(CocoSplit(images="/nonexistent_coco", annotations="b.json"), progress=False)
+
+
+# ----------------------------------------------------------------------------- the data stage's coco kind
+
+
+def test_data_stage_prepares_coco_splits_with_their_captions_and_preprocessing(tmp_path):
+    from demar.data import DataConfig, open_split, prepare, split_captions
+    from demar.image_sets import open_images
+
+    train = write_coco(tmp_path / "train", SIZES, CAPTIONS)
+    val = write_coco(tmp_path / "val", {5: (20, 40), 7: (24, 24)}, {5: ["A dog."], 7: ["A cat.", "A cat on a mat."]})
+    Path(val.images, "COCO_train2014_000000000007.png").unlink()  # listed, missing: skipped and counted
+    cfg = DataConfig(kind="coco", coco={"train": train, "val": val, "resolution": 16, "resize_filter": "bicubic"})
+    metrics = prepare(cfg, tmp_path / "data", progress=False)
+    assert (metrics["num_train"], metrics["num_reference"], metrics["num_reference_skipped"]) == (4, 1, 1)
+    assert metrics["num_classes"] == 1 and cfg.resolution == 16
+
+    captions, groups = split_captions(cfg, tmp_path / "data", "train")  # ids 9, 25, 30, 42
+    assert groups == [[0, 1, 2], [3], [4, 5], [6, 7]]
+    assert captions[6] == "A man riding a horse." and len(captions) == 8
+
+    ds = open_split(cfg, tmp_path / "data", "train")
+    image, label = ds[3]
+    assert image.shape == (3, 16, 16) and label == 0 and ds.num_classes == 1 and list(ds.labels) == [0] * 4
+    with Image.open(Path(train.images) / "COCO_train2014_000000000042.png") as im:
+        expected = to_unit(torch.from_numpy(np.asarray(center_crop_resize(im.convert("RGB"), 16, "bicubic")).copy()))
+    torch.testing.assert_close(image, expected.permute(2, 0, 1))
+
+    reference = open_images(tmp_path / "data" / "reference")  # what evaluate.reference points at
+    assert len(reference) == 1 and reference[0].dtype == torch.uint8 and reference[0].shape == (3, 16, 16)
+
+
+def test_coco_kind_needs_its_section():
+    from demar.data import DataConfig
+
+    with pytest.raises(ConfigError, match="data.coco"):
+        validate(DataConfig, {"kind": "coco"}, source="params.yaml", prefix="data")
+
+
+def test_reference_prompts_draw_one_caption_per_image_by_the_seed(tmp_path):
+    from demar.captions import CaptionsConfig, encode_captions
+    from demar.data import DataConfig, prepare, split_captions
+    from demar.io import write_json
+    from demar.params import load_params
+    from demar.text_encoders import TextEncoderConfig, build_text_encoder
+    from pipelines.sample import reference_prompts
+    from tiny_text import write_tiny_clip
+
+    val = write_coco(tmp_path / "val", SIZES, CAPTIONS)
+    data_cfg = {"kind": "coco", "coco": {"train": val, "val": val, "resolution": 16}}
+    prepare(DataConfig.model_validate(data_cfg), tmp_path / "data", progress=False)
+    captions, groups = split_captions(DataConfig.model_validate(data_cfg), tmp_path / "data", "reference")
+    clip = write_tiny_clip(tmp_path / "clip", width=8)
+    encoder = build_text_encoder(TextEncoderConfig(kind="clip", path=str(clip), max_length=8))
+    cache = tmp_path / "captions"
+    encode_captions(encoder, captions, cache, CaptionsConfig(shard_size=3, batch_size=4), progress=False)
+    write_json(cache / "images.json", groups)
+    params = load_params(ROOT / "presets" / "mscoco256.yaml")
+    params = params.model_copy(update={"data": DataConfig.model_validate(data_cfg)})
+
+    drawn = [reference_prompts(params, cache, tmp_path / "data", 4, seed) for seed in (0, 0, 1, 2, 3)]
+    assert drawn[0].captions == drawn[1].captions and drawn[0].source == drawn[1].source
+    for prompts in drawn:
+        assert [captions.index(c) in g for c, g in zip(prompts.captions, groups, strict=True)] == [True] * 4
+        assert prompts.labels == [0, 0, 0, 0] and prompts.states.shape == (4, 8, 8)
+    assert len({tuple(p.captions) for p in drawn}) > 1 and len({p.source for p in drawn}) == 4
+    with pytest.raises(ConfigError, match="5 images asked for"):
+        reference_prompts(params, cache, tmp_path / "data", 5, 0)
+
+
+def test_mscoco256_preset_is_the_papers_protocol():
+    from demar.params import load_params
+
+    params = load_params(ROOT / "presets" / "mscoco256.yaml")
+    assert params.data.kind == "coco" and params.captions.encoder.kind == "clip"
+    assert params.captions.encoder.max_length == 77 and params.sample.num_images == 30_000
+    for name in ("mar", "demar"):
+        cfg = params.row_model(name)
+        assert (cfg.context, cfg.text_dim, cfg.encoder_depth + cfg.decoder_depth) == ("text", 768, 16)
+        assert cfg.buffer_size >= 77 and cfg.masking.distribution == "beta"
+    assert (params.train.base_lr * params.train.batch_size / 256, params.train.weight_decay) == (2e-4, 0.03)

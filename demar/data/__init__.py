@@ -1,4 +1,4 @@
-"""Data sets: the embedded shapes (default) and ImageNet-style folders.
+"""Data sets: the embedded shapes (default), ImageNet-style folders and MS-COCO with captions.
 
 :class:`DataConfig` is the ``data`` section of params.yaml. :func:`prepare` is the
 data stage (generate the shapes, or scan and index an image folder);
@@ -8,7 +8,9 @@ items without random flips, as latent extraction and evaluation need.
 Layout of a prepared data folder (``data/<kind>/``): ``manifest.json`` and one
 sub-folder per split (``train/``, ``reference/``); an embedded split holds the
 arrays written by :func:`demar.data.embedded.write_split`, an image folder split
-an ``index.json`` written by :func:`demar.data.folder.write_index`.
+an ``index.json`` written by :func:`demar.data.folder.write_index`, an MS-COCO split
+(``train`` from train2014, ``reference`` from val2014) the ``index.json`` of
+:func:`demar.data.coco.write_index` with its images' preprocessing.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import model_validator
 from torch.utils.data import Dataset
 
 from demar.config import ConfigError, StrictConfig
+from demar.data import coco
+from demar.data.coco import CocoConfig, CocoImages
 from demar.data.embedded import SHAPES, EmbeddedConfig, EmbeddedDataset, write_split
 from demar.data.folder import FolderConfig, FolderDataset, class_folders, read_index, scan, write_index
 from demar.io import read_json, write_json
@@ -36,25 +41,30 @@ class DataConfig(StrictConfig):
     """The ``data`` section of params.yaml.
 
     Attributes:
-        kind: ``"embedded"`` (procedural shapes, the default) or ``"imagenet"`` (an image folder).
+        kind: ``"embedded"`` (procedural shapes, the default), ``"imagenet"`` (an image folder)
+            or ``"coco"`` (MS-COCO images with their caption annotations).
         embedded: the shapes data set (default: :class:`EmbeddedConfig` defaults).
         imagenet: the image folder; required when ``kind`` is ``"imagenet"`` (default None).
+        coco: MS-COCO; required when ``kind`` is ``"coco"`` (default None).
     """
 
-    kind: Literal["embedded", "imagenet"] = "embedded"
+    kind: Literal["embedded", "imagenet", "coco"] = "embedded"
     embedded: EmbeddedConfig = EmbeddedConfig()
     imagenet: FolderConfig | None = None
+    coco: CocoConfig | None = None
 
     @model_validator(mode="after")
     def _folder_given(self) -> DataConfig:
         if self.kind == "imagenet" and self.imagenet is None:
             raise ValueError("data.kind is 'imagenet' but data.imagenet (root, ...) is not set")
+        if self.kind == "coco" and self.coco is None:
+            raise ValueError("data.kind is 'coco' but data.coco (train: {images, annotations}, ...) is not set")
         return self
 
     @property
     def resolution(self) -> int:
         """The image side of the selected data set."""
-        return self.embedded.resolution if self.kind == "embedded" else self.imagenet.resolution
+        return {"embedded": self.embedded, "imagenet": self.imagenet, "coco": self.coco}[self.kind].resolution
 
 
 def check_classes(cfg: DataConfig, num_classes: int) -> None:
@@ -66,6 +76,8 @@ def check_classes(cfg: DataConfig, num_classes: int) -> None:
     """
     if cfg.kind == "embedded":
         found, where = len(SHAPES), "data.kind 'embedded' (its shapes)"
+    elif cfg.kind == "coco":
+        found, where = 1, "data.kind 'coco' (one class: captions condition it)"
     else:
         found = len(class_folders(cfg.imagenet.root, cfg.imagenet.extensions))
         where = f"data.imagenet.root {cfg.imagenet.root}"
@@ -101,6 +113,8 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str], *, progress: bool 
             manifest = write_split(cfg.embedded, split, out / split, progress=progress)
             metrics[f"num_{split}"] = manifest["num_images"]
         metrics["num_classes"] = len(manifest["classes"])
+    elif cfg.kind == "coco":
+        metrics.update(_prepare_coco(cfg.coco, out, progress))
     else:
         folder = cfg.imagenet
         roots = {"train": folder.root, "reference": folder.reference_root}
@@ -136,18 +150,40 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str], *, progress: bool 
     return metrics
 
 
+def _prepare_coco(cfg: CocoConfig, out: Path, progress: bool) -> dict[str, Any]:
+    """Scan train2014 into ``train/`` and val2014 (when given) into ``reference/``; their counts."""
+    metrics: dict[str, Any] = {"num_classes": 1, "num_reference": 0, "num_uncaptioned": 0}
+    for split, source in (("train", cfg.train), ("reference", cfg.val)):
+        if source is None:
+            continue
+        result = coco.scan(source, on_bad_image=cfg.on_bad_image, workers=cfg.workers, progress=progress)
+        for path, error in result.skipped:
+            print(f"skipped bad image {Path(source.images) / path}: {error}")
+        coco.write_index(out / split / "index.json", result, resolution=cfg.resolution, resize_filter=cfg.resize_filter)
+        metrics[f"num_{split}"] = len(result.samples)
+        metrics["num_skipped" if split == "train" else "num_reference_skipped"] = len(result.skipped)
+        metrics["num_uncaptioned"] += result.uncaptioned
+    return metrics
+
+
 def split_captions(cfg: DataConfig, data_dir: str | os.PathLike[str], split: str) -> tuple[list[str], list[list[int]]]:
     """Every caption of a prepared split, and for each image the indices of its captions.
 
-    The embedded shapes have one caption per image (``captions.json``).
+    The embedded shapes have one caption per image (``captions.json``); an MS-COCO image
+    has all its annotated captions (about five), in annotation-file order.
 
     Raises:
         ConfigError: the data set has no captions (``data.kind`` is named).
     """
+    if cfg.kind == "coco":
+        images = coco.read_index(Path(data_dir) / split / "index.json").samples
+        captions = [c for image in images for c in image.captions]
+        bounds = np.cumsum([0] + [len(image.captions) for image in images]).tolist()
+        return captions, [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if cfg.kind != "embedded":
         raise ConfigError(
             f"invalid configuration:\n  data.kind: {cfg.kind!r} has no captions; a text-conditioned model "
-            "(model.context: text) needs a captioned data set (embedded)"
+            "(model.context: text) needs a captioned data set (embedded or coco)"
         )
     captions = read_json(Path(data_dir) / split / "captions.json")
     return captions, [[i] for i in range(len(captions))]
@@ -166,6 +202,8 @@ def open_split(cfg: DataConfig, data_dir: str | os.PathLike[str], split: str = "
     root = Path(data_dir) / split
     if cfg.kind == "embedded":
         return EmbeddedDataset(root, output="float")
+    if cfg.kind == "coco":
+        return CocoImages(coco.read_index(root / "index.json"), cfg.coco.resolution, cfg.coco.resize_filter)
     return FolderDataset(read_index(root / "index.json"), resolution=cfg.imagenet.resolution)
 
 

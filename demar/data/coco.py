@@ -48,9 +48,11 @@ __all__ = [
     "CocoDataset",
     "CocoFormatError",
     "CocoImage",
+    "CocoImages",
     "CocoScan",
     "CocoSplit",
     "center_crop_resize",
+    "open_prepared",
     "read_annotations",
     "read_index",
     "scan",
@@ -242,13 +244,25 @@ def scan(
     return CocoScan(root, ann_path, digest, samples, skipped, uncaptioned)
 
 
-def write_index(path: str | os.PathLike[str], result: CocoScan) -> None:
-    """Write a scan's outcome as a JSON index (folders, the annotations' hash, images with captions, skips)."""
+def write_index(
+    path: str | os.PathLike[str],
+    result: CocoScan,
+    *,
+    resolution: int | None = None,
+    resize_filter: Literal["lanczos", "bicubic"] | None = None,
+) -> None:
+    """Write a scan's outcome as a JSON index (folders, the annotations' hash, images with captions, skips).
+
+    ``resolution`` and ``resize_filter``, when given, record how the split's images are
+    prepared, so that the folder of the index opens as those images (:func:`open_prepared`).
+    """
     write_json(
         path,
         {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
+            "resolution": resolution,
+            "resize_filter": resize_filter,
             "images_root": str(result.images_root),
             "annotations": str(result.annotations),
             "annotations_sha256": result.annotations_sha256,
@@ -348,3 +362,63 @@ class CocoDataset(Dataset):
         arr = np.asarray(center_crop_resize(image, self.resolution, self.resize_filter))  # uint8 [R, R, 3]
         x = to_unit(torch.from_numpy(arr.copy()).permute(2, 0, 1))  # [3, R, R] in [-1, 1]
         return x, int(self._drawn[i])
+
+
+class CocoImages(Dataset):
+    """The images of a scan, prepared, in id order: ``ds[i] -> (image, 0)`` (one class; no caption draw).
+
+    What latent extraction, reference statistics and :func:`demar.data.open_split` read.
+
+    Args:
+        scan_result: the fixed sample list.
+        resolution: output side ``R``.
+        resize_filter: the resize filter.
+        output: ``"float"`` for float32 ``[3, R, R]`` in [-1, 1], ``"uint8"`` for uint8 (default ``"float"``).
+
+    Attributes:
+        labels: int64 zeros ``[N]``; ``classes`` is ``["image"]``, ``num_classes`` 1.
+    """
+
+    classes = ["image"]
+    num_classes = 1
+
+    def __init__(
+        self,
+        scan_result: CocoScan,
+        resolution: int = 256,
+        resize_filter: Literal["lanczos", "bicubic"] = "lanczos",
+        output: Literal["uint8", "float"] = "float",
+    ) -> None:
+        self.root = scan_result.images_root
+        self.samples = scan_result.samples
+        self.resolution = resolution
+        self.resize_filter = resize_filter
+        self.output = output
+        self.labels = np.zeros(len(self.samples), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.root / self.samples[i].file_name
+        try:
+            image = load_image(path)
+        except BadImageError as err:
+            raise BadImageError(f"{err} (it passed the scan: rerun the data stage)") from None
+        arr = np.asarray(center_crop_resize(image, self.resolution, self.resize_filter))  # uint8 [R, R, 3]
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # [3, R, R]
+        return (to_unit(x) if self.output == "float" else x), 0
+
+
+def open_prepared(root: str | os.PathLike[str], output: Literal["uint8", "float"] = "float") -> CocoImages | None:
+    """The images of a prepared MS-COCO split folder (an ``index.json`` with its preprocessing), or None.
+
+    None when ``root`` holds no MS-COCO index or one written without ``resolution``.
+    """
+    path = Path(root) / "index.json"
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT or data.get("resolution") is None:
+        return None
+    return CocoImages(read_index(path), int(data["resolution"]), data["resize_filter"], output=output)
