@@ -342,7 +342,9 @@ def test_evaluate_stage_writes_the_metrics_file(data, tmp_path, mlflow_uri):
     assert set(record) == {
         "row", "ablation", "size", "seed", "family", "fid", "is", "is_std", "precision", "recall", "kid", "kid_std",
         "class_accuracy", "fid_untrained", "class_accuracy_untrained", "sec_per_image", "num_images", "params_total",
+        "colour_accuracy", "colour_accuracy_untrained",
     }  # fmt: skip
+    assert record["colour_accuracy"] is None and record["colour_accuracy_untrained"] is None  # a class row
     assert record["row"] == "demar_tiny" and record["seed"] == 3 and record["num_images"] == N_GEN
     assert record["sec_per_image"] == 0.25 and record["params_total"] == 1234
     assert record["fid_untrained"] > 10 * record["fid"]
