@@ -42,6 +42,10 @@ class SampleSettings(StrictConfig):
         cfg_schedule: ``"linear"`` (default, MAR/Muse: ``1 + (cfg - 1) (N - mask_len) / N``)
             or ``"constant"``.
         temperature: multiplies the per-step diffusion noise (default 1.0).
+        refine: refine the tokens predicted at earlier steps with the denoising head at
+            every step (default True, the method; De. Head rows only). False samples a De.
+            Head row as MAR would, which separates the effect of refinement at inference
+            from that of noise injection in training (the diagnostics stage).
         final_refinement: after the last step, run the transformer once more and refine
             every token with the denoising head (default False, as the paper).
         cache_kv: compute the transformer head's keys/values once per autoregressive
@@ -60,6 +64,7 @@ class SampleSettings(StrictConfig):
     cfg: float = Field(1.0, ge=0.0)
     cfg_schedule: Literal["linear", "constant"] = "linear"
     temperature: float = Field(1.0, ge=0.0)
+    refine: bool = True
     final_refinement: bool = False
     cache_kv: bool = True
     compile: bool = False
@@ -188,7 +193,7 @@ def sample_tokens(
 
             # 3. Denoising head: refine every token predicted at an earlier step, from the
             #    conditional z (not the guided mix).
-            if den_head is not None and masked_now < n:
+            if den_head is not None and settings.refine and masked_now < n:
                 prev = orders[:, masked_now:]  # [B, n - masked_now]
                 refined = den_head.refine(gather_tokens(tokens, prev), gather_tokens(z_all[:b], prev))  # [B, P, d]
                 tokens = scatter_tokens(tokens, prev, refined)
