@@ -27,24 +27,86 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from demar.backbone import gather_tokens, mask_from_orders, random_orders, scatter_tokens
+from demar.config import StrictConfig
 from demar.denoising_head import NoiseInjectionConfig, NoiseInjector
 from demar.diffusion import GaussianDiffusion, randn
+from demar.model import patchify
 
 if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
     from demar.model import DeMAR
+    from demar.tokenizer import Tokenizer
 
 __all__ = [
     "LEVELS",
+    "DiagnosticsConfig",
     "LevelError",
     "assessment_calibration",
     "denoising_by_level",
+    "held_out_tokens",
     "masked_loss_by_visible",
 ]
 
 LEVELS = (0, 10, 25, 50, 100, 200, 400)
 """Default grid of injection steps s (of T = 1000; training draws s in 0..100)."""
+
+
+class DiagnosticsConfig(StrictConfig):
+    """The ``diagnostics`` section of params.yaml (the ``diagnose@<row>`` stage).
+
+    Attributes:
+        num_images: held-out images (the reference split's first) whose tokens are measured
+            (default 512).
+        levels: injection steps s of :func:`denoising_by_level` (default :data:`LEVELS`).
+        mask_ratio: share of masked tokens; the visible rest are measured (default 0.5).
+        bins: bins of the calibration's reliability table (default 10).
+        diffusion_steps: reverse steps of the re-drawn visible tokens (default 50).
+        refine_off_images: images sampled from each De. Head row with refinement off, scored
+            as the evaluate stage scores (default 500; 0 skips).
+        batch_size: images per forward pass (default 256).
+        seed: seeds the masks, the noise and the draws (default 0).
+    """
+
+    num_images: int = Field(512, ge=2)
+    levels: tuple[int, ...] = LEVELS
+    mask_ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    bins: int = Field(10, ge=1)
+    diffusion_steps: int = Field(50, ge=2)
+    refine_off_images: int = Field(500, ge=0)
+    batch_size: int = Field(256, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+@torch.no_grad()
+def held_out_tokens(
+    tokenizer: Tokenizer, images: Dataset, count: int, patch_size: int, *, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens of the first ``count`` items of ``images`` (posterior means, scaled and patchified) and their labels.
+
+    Args:
+        tokenizer: the pipeline's tokenizer.
+        images: items ``(image [3, R, R] in [-1, 1], label, ...)``.
+        count: how many (at most ``len(images)``).
+        patch_size: the model's patch size.
+        batch_size: images per encoder pass (default 256).
+
+    Returns:
+        tokens ``[count, N, d]`` and labels int64 ``[count]``.
+    """
+    count = min(count, len(images))
+    device = next(tokenizer.model.parameters()).device
+    tokens, labels = [], []
+    for start in range(0, count, batch_size):
+        items = [images[i] for i in range(start, min(start + batch_size, count))]
+        x = torch.stack([item[0] for item in items]).to(device)  # [b, 3, R, R]
+        latents = tokenizer.encode(x, sample=False)  # [b, C, h, w]
+        tokens.append(patchify(latents, patch_size))  # [b, N, d]
+        labels.append(torch.tensor([int(item[1]) for item in items], dtype=torch.long))
+    return torch.cat(tokens), torch.cat(labels)
 
 
 @dataclass(frozen=True)

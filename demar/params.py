@@ -30,6 +30,7 @@ from pydantic import Field, PrivateAttr, create_model, field_validator
 
 from demar.captions import CaptionsStageConfig
 from demar.classifier import ClassifierConfig
+from demar.diagnostics import DiagnosticsConfig
 from demar.config import ConfigError, StrictConfig, load_yaml, validate
 from demar.data import DataConfig
 from demar.generate import GenerateConfig, SampleStageConfig
@@ -227,6 +228,7 @@ class Params(StrictConfig):
         sample: sampling of the evaluation images (the seed is the row's, the guidance the row's if set).
         time_fid: the time-vs-FID sweep of Figure 4a.
         evaluate: FID / IS / precision / recall / KID.
+        diagnostics: the denoising head's mechanism diagnostics (``diagnose@<row>``).
         report: the report generators.
     """
 
@@ -244,6 +246,7 @@ class Params(StrictConfig):
     sample: SampleStageConfig = SampleStageConfig()
     time_fid: TimeFidConfig = TimeFidConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     report: ReportConfig = ReportConfig()
     _source: str = PrivateAttr("params.yaml")  # the file, quoted in errors
 

@@ -11,6 +11,9 @@ output folder (``reports/out/`` by default):
 * ``rows.{csv,md,tex}``: one line per row, unaveraged;
 * ``fig4a_time_fid.{png,svg}``, ``fig4b_params_fid.{png,svg}``: Figure 4;
 * ``fig_train_curves.{png,svg}``: training curves from MLflow (when it has them);
+* ``diagnostics.{csv,md,tex}``, ``fig_diag_levels``, ``fig_diag_calibration``,
+  ``fig_diag_masked_loss`` (``.png``, ``.svg``): the denoising head's diagnostics (when
+  ``metrics/diagnostics/`` has them);
 * ``mlflow_runs.{csv,md}``: the cross-stage comparison from MLflow;
 * ``index.html``: all of the above on one page that works offline.
 """
@@ -28,7 +31,7 @@ import pandas as pd
 
 from demar.io import atomic_write_text, read_json
 from demar.params import Params
-from reports import figures
+from reports import diagnostics, figures
 from reports.data import RowData, load_row_data
 from reports.html import image_tag, render_page, table_html
 from reports.mlflow_runs import MlflowComparison, compare_runs
@@ -172,6 +175,22 @@ def build_report(
         outputs += paths.values()
     outputs += figures.write_plot_data(rows, comparison.curves, out)  # the series `dvc plots` draws
 
+    diag_records = diagnostics.load_diagnostics(metrics_dir, rows)
+    diag_html = ""
+    if diag_records:
+        table = diagnostics.diagnostics_table(diag_records, rows)
+        tables[table.stem] = table
+        outputs += write_table(table, out)
+        diag_html = table_html(table)
+        for title, make, stem in (
+            ("Errors by injected noise level", diagnostics.figure_levels, "fig_diag_levels"),
+            ("Assessment calibration", diagnostics.figure_calibration, "fig_diag_calibration"),
+            ("Masked-token loss by visible tokens", diagnostics.figure_masked_loss, "fig_diag_masked_loss"),
+        ):
+            paths = figures.save_figure(make(diag_records), out, stem, dpi=cfg.figure_dpi)
+            outputs += paths.values()
+            diag_html += f"<figure>{image_tag(paths['png'], title)}<figcaption>{escape(title)}</figcaption></figure>"
+
     no_grid = [r.name for r in rows if r.grid is None]
     if no_grid:
         notes.append(f"no sample grid ({Path(samples_dir)}/<row>/grid.png) for rows: {', '.join(no_grid)}")
@@ -200,6 +219,7 @@ def build_report(
             ),
             ("Figure 4 and training curves", figure_html),
             ("Our rows", table_html(tables["rows"])),
+            *([("Diagnostics of the denoising head", diag_html)] if diag_html else []),
             ("MLflow runs", mlflow_html),
             ("Sample grids", _grids_html(rows, cfg.grid_max_px)),
             *([("Samples and their prompts", _prompted_html(rows, Path(samples_dir), cfg.grid_max_px))] if text else []),

@@ -98,3 +98,40 @@ def test_the_refine_knob_changes_de_head_samples_and_leaves_mar_samples_alone():
     assert not torch.equal(draw(demar, True), draw(demar, False))
     mar = trained("mar", steps=40)
     assert torch.equal(draw(mar, True), draw(mar, False))
+
+
+def test_report_shows_the_diagnostics_of_the_rows_that_have_them(tmp_path):
+    from test_reports import build, make_tree
+
+    from demar.io import write_json
+
+    make_tree(tmp_path, seeds=(0,))
+    x, labels = batch()
+    model = tiny("demar")
+    levels = denoising_by_level(model, x, labels, LEVELS)
+    records = {
+        "demar_tiny_s0": {
+            "row": "demar_tiny_s0", "ablation": "demar", "size": "tiny", "seed": 0, "num_tokens_images": 16,
+            "masked_loss": masked_loss_by_visible(model, x, labels, diffusion_steps=5),
+            "levels": [lv.as_dict() for lv in levels],
+            "calibration": assessment_calibration(model, x, labels, LEVELS, bins=4),
+            "refine_off": {"num_images": 20, "fid": 99.5, "class_accuracy": 0.25},
+        },
+        "mar_tiny_s0": {
+            "row": "mar_tiny_s0", "ablation": "mar", "size": "tiny", "seed": 0, "num_tokens_images": 16,
+            "masked_loss": masked_loss_by_visible(tiny("mar"), x, labels, diffusion_steps=5),
+            "levels": None, "calibration": None, "refine_off": None,
+        },
+    }  # fmt: skip
+    for name, record in records.items():
+        write_json(tmp_path / "metrics" / "diagnostics" / f"{name}.json", record)
+    result = build(tmp_path)
+    table = result.tables["diagnostics"].numeric
+    assert sorted(table["Row"]) == ["demar_tiny_s0", "mar_tiny_s0"]  # the rows with diagnostics only
+    demar = table.set_index("Row").loc["demar_tiny_s0"]
+    assert demar["FID (refine off)"] == 99.5 and demar["Gain at s=100"] == pytest.approx(0.0, abs=1e-5)
+    assert demar["Loss, own samples"] == records["demar_tiny_s0"]["masked_loss"]["own_samples"]
+    for stem in ("fig_diag_levels", "fig_diag_calibration", "fig_diag_masked_loss"):
+        assert (tmp_path / "out" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "Diagnostics of the denoising head" in html and "Assessment calibration" in html
