@@ -147,7 +147,7 @@ def build_report(
 
     fig_paths = {
         "Figure 4a: inference time vs FID": figures.save_figure(
-            figures.figure4a(rows), out, "fig4a_time_fid", dpi=cfg.figure_dpi
+            figures.figure4a(rows, cfg.confidence), out, "fig4a_time_fid", dpi=cfg.figure_dpi
         ),
         "Figure 4b: parameters vs FID": figures.save_figure(
             figures.figure4b(rows, paper_table("table2_imagenet256") if cfg.paper_overlay else None, cfg.confidence),
