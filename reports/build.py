@@ -12,6 +12,7 @@ output folder (``reports/out/`` by default):
 * ``fig4a_time_fid.{png,svg}``, ``fig4b_params_fid.{png,svg}``: Figure 4;
 * ``fig_train_curves.{png,svg}``: training curves from MLflow (when it has them);
 * ``mlflow_runs.{csv,md}``: the cross-stage comparison from MLflow;
+* the Optuna studies' results (``reports/studies/<name>/``, written by ``demar study``) on the page;
 * ``index.html``: all of the above on one page that works offline.
 """
 
@@ -32,6 +33,7 @@ from reports import figures
 from reports.data import RowData, load_row_data
 from reports.html import image_tag, render_page, table_html
 from reports.mlflow_runs import MlflowComparison, compare_runs
+from reports.study_results import load_study_results, studies_html
 from reports.tables import (
     Table,
     build_rows_table,
@@ -105,6 +107,7 @@ def build_report(
     *,
     tracking_uri: str | None = None,
     use_mlflow: bool = True,
+    studies_dir: str | os.PathLike[str] | None = "reports/studies",
 ) -> ReportResult:
     """Build all tables, figures, the MLflow comparison and the HTML page.
 
@@ -115,6 +118,8 @@ def build_report(
         out_dir: where the reports go (default ``"reports/out"``).
         tracking_uri: the MLflow store; None means ``demar.tracking.tracking_uri()`` (default None).
         use_mlflow: read MLflow for the comparison and training curves (default True).
+        studies_dir: the Optuna studies' report folders, shown in their own section
+            (default ``"reports/studies"``; None leaves the section out).
 
     Raises:
         reports.data.MissingMetricsError: a row of ``params.yaml`` lacks a metric file.
@@ -203,6 +208,11 @@ def build_report(
             ("MLflow runs", mlflow_html),
             ("Sample grids", _grids_html(rows, cfg.grid_max_px)),
             *([("Samples and their prompts", _prompted_html(rows, Path(samples_dir), cfg.grid_max_px))] if text else []),
+            *(
+                [("Optuna studies", studies_html(load_study_results(studies_dir), cfg.grid_max_px))]
+                if studies_dir is not None
+                else []
+            ),
         ],
     )
     index = out / "index.html"
@@ -220,6 +230,7 @@ def arg_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/out", help="output folder (default: %(default)s)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: demar.tracking.tracking_uri())")
     p.add_argument("--no-mlflow", action="store_true", help="build without reading or writing MLflow")
+    p.add_argument("--studies", default="reports/studies", help="the studies' report folders (default: %(default)s)")
     return p
 
 
@@ -227,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     """Build the reports from the command line; print the files written."""
     args = arg_parser().parse_args(argv)
     result = build_report(
-        args.params, args.metrics, args.samples, args.out, tracking_uri=args.tracking_uri, use_mlflow=not args.no_mlflow
+        args.params,
+        args.metrics,
+        args.samples,
+        args.out,
+        tracking_uri=args.tracking_uri,
+        use_mlflow=not args.no_mlflow,
+        studies_dir=args.studies,
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
