@@ -24,8 +24,9 @@ __all__ = ["OBJECTIVES_MODULE", "file_digest", "storage_name", "study_identity"]
 OBJECTIVES_MODULE = "demar.studies.objectives"
 """The module whose code (with everything it imports) computes a trial's values."""
 
-FREE_KEYS = ("name", "n_trials", "pruner", "heartbeat_s", "base")
-"""Study-file keys outside the identity (``base`` enters through the resolved configs and files)."""
+FREE_KEYS = ("name", "n_trials", "pruner", "heartbeat_s", "base", "enqueue")
+"""Study-file keys outside the identity (``base`` enters through the resolved configs and files;
+``enqueue`` only picks points of the space, each computed as any other trial)."""
 
 
 def file_digest(path: Path | None) -> str | None:
