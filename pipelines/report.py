@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             tracking_uri=args.tracking_uri,
             use_mlflow=not args.no_mlflow,
+            studies_dir=args.studies,
         )
         run.log_artifact(args.out, "report")
     for note in result.notes:

@@ -15,6 +15,7 @@ output folder (``reports/out/`` by default):
   ``fig_diag_masked_loss`` (``.png``, ``.svg``): the denoising head's diagnostics (when
   ``metrics/diagnostics/`` has them);
 * ``mlflow_runs.{csv,md}``: the cross-stage comparison from MLflow;
+* the Optuna studies' results (``reports/studies/<name>/``, written by ``demar study``) on the page;
 * ``index.html``: all of the above on one page that works offline.
 """
 
@@ -35,6 +36,7 @@ from reports import diagnostics, figures
 from reports.data import RowData, load_row_data
 from reports.html import image_tag, render_page, table_html
 from reports.mlflow_runs import MlflowComparison, compare_runs
+from reports.study_results import load_study_results, studies_html
 from reports.tables import (
     Table,
     build_rows_table,
@@ -108,6 +110,7 @@ def build_report(
     *,
     tracking_uri: str | None = None,
     use_mlflow: bool = True,
+    studies_dir: str | os.PathLike[str] | None = "reports/studies",
 ) -> ReportResult:
     """Build all tables, figures, the MLflow comparison and the HTML page.
 
@@ -118,6 +121,8 @@ def build_report(
         out_dir: where the reports go (default ``"reports/out"``).
         tracking_uri: the MLflow store; None means ``demar.tracking.tracking_uri()`` (default None).
         use_mlflow: read MLflow for the comparison and training curves (default True).
+        studies_dir: the Optuna studies' report folders, shown in their own section
+            (default ``"reports/studies"``; None leaves the section out).
 
     Raises:
         reports.data.MissingMetricsError: a row of ``params.yaml`` lacks a metric file.
@@ -150,7 +155,7 @@ def build_report(
 
     fig_paths = {
         "Figure 4a: inference time vs FID": figures.save_figure(
-            figures.figure4a(rows), out, "fig4a_time_fid", dpi=cfg.figure_dpi
+            figures.figure4a(rows, cfg.confidence), out, "fig4a_time_fid", dpi=cfg.figure_dpi
         ),
         "Figure 4b: parameters vs FID": figures.save_figure(
             figures.figure4b(rows, paper_table("table2_imagenet256") if cfg.paper_overlay else None, cfg.confidence),
@@ -223,6 +228,11 @@ def build_report(
             ("MLflow runs", mlflow_html),
             ("Sample grids", _grids_html(rows, cfg.grid_max_px)),
             *([("Samples and their prompts", _prompted_html(rows, Path(samples_dir), cfg.grid_max_px))] if text else []),
+            *(
+                [("Optuna studies", studies_html(load_study_results(studies_dir), cfg.grid_max_px))]
+                if studies_dir is not None
+                else []
+            ),
         ],
     )
     index = out / "index.html"
@@ -240,6 +250,7 @@ def arg_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/out", help="output folder (default: %(default)s)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: demar.tracking.tracking_uri())")
     p.add_argument("--no-mlflow", action="store_true", help="build without reading or writing MLflow")
+    p.add_argument("--studies", default="reports/studies", help="the studies' report folders (default: %(default)s)")
     return p
 
 
@@ -247,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     """Build the reports from the command line; print the files written."""
     args = arg_parser().parse_args(argv)
     result = build_report(
-        args.params, args.metrics, args.samples, args.out, tracking_uri=args.tracking_uri, use_mlflow=not args.no_mlflow
+        args.params,
+        args.metrics,
+        args.samples,
+        args.out,
+        tracking_uri=args.tracking_uri,
+        use_mlflow=not args.no_mlflow,
+        studies_dir=args.studies,
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -58,10 +58,13 @@ def _no_data(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
-def time_fid_curves(rows: list[RowData]) -> dict[tuple[str, str], list[tuple[float, float]]]:
-    """Per (family, size): the (sec_per_image, FID) points of ``metrics/time_fid``, sorted by time.
+def time_fid_curves(
+    rows: list[RowData], confidence: float = 0.95
+) -> dict[tuple[str, str], list[tuple[float, float, float]]]:
+    """Per (family, size): the (sec_per_image, FID, FID error) points of ``metrics/time_fid``, by time.
 
-    Points with the same (ar_steps, diffusion_steps) in several seeds are averaged.
+    Points with the same (ar_steps, diffusion_steps) in several seeds are averaged; the
+    error is the half-width of FID's t-interval over those seeds (0 with one seed).
     """
     # (family, size) -> (ar_steps, diffusion_steps) -> [(seconds, FID) per seed]
     acc: dict[tuple[str, str], dict[tuple[int, int], list]] = defaultdict(lambda: defaultdict(list))
@@ -75,7 +78,10 @@ def time_fid_curves(rows: list[RowData]) -> dict[tuple[str, str], list[tuple[flo
             acc[(row.family, row.ref.size)][(pt["ar_steps"], pt["diffusion_steps"])].append((sec, fid))
     curves = {}
     for key, settings in acc.items():
-        pts = [(sum(s for s, _ in v) / len(v), sum(f for _, f in v) / len(v)) for v in settings.values()]
+        pts = []
+        for v in settings.values():
+            s = summarize([f for _, f in v], confidence)
+            pts.append((sum(t for t, _ in v) / len(v), s.mean, (s.ci_high - s.mean) if s.has_interval else 0.0))
         curves[key] = sorted(pts)
     return curves
 
@@ -84,18 +90,21 @@ def _family_sort(key: tuple[str, str]) -> tuple[int, tuple[int, str]]:
     return (list(FAMILIES.values()).index(key[0]), size_key(key[1]))
 
 
-def figure4a(rows: list[RowData]) -> Figure:
-    """Figure 4a: seconds per image vs FID, one curve per family (and per size when a family has several)."""
+def figure4a(rows: list[RowData], confidence: float = 0.95) -> Figure:
+    """Figure 4a: seconds per image vs FID, one curve per family (and per size when a family has several).
+
+    With several seeds a point is their mean, with its t-interval as an error bar.
+    """
     fig = _new_figure()
     ax = fig.add_subplot()
-    curves = time_fid_curves(rows)
+    curves = time_fid_curves(rows, confidence)
     sizes_of: dict[str, list[str]] = defaultdict(list)
     for family, size in sorted(curves, key=_family_sort):
         sizes_of[family].append(size)
     for family, size in sorted(curves, key=_family_sort):
-        xs, ys = zip(*curves[(family, size)], strict=True)
+        xs, ys, errs = zip(*curves[(family, size)], strict=True)
         marker = MARKERS[sizes_of[family].index(size) % len(MARKERS)]
-        ax.plot(xs, ys, marker=marker, color=FAMILY_COLORS[family], label=f"{family}-{size}")
+        ax.errorbar(xs, ys, yerr=errs, marker=marker, capsize=3, color=FAMILY_COLORS[family], label=f"{family}-{size}")
     if curves:
         _plain_log_x(ax)
         ax.legend()

@@ -1,4 +1,4 @@
-"""Seed statistics: mean with a Student-t confidence interval, and Welch's t-test."""
+"""Seed statistics: mean with a Student-t confidence interval, Welch's t-test, Holm's correction."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["Summary", "summarize", "welch_p"]
+__all__ = ["Summary", "holm", "summarize", "welch_p"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,21 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
         return None
     p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     return p if math.isfinite(p) else None
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (the family-wise error rate).
+
+    The i-th smallest of the m defined p-values becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``;
+    rejecting where the adjusted value is below alpha keeps the chance of any false
+    rejection among the m tests below alpha. Undefined p-values (None) stay None and do
+    not count in m.
+    """
+    defined = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    m = len(defined)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(defined):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out

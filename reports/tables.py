@@ -18,7 +18,7 @@ import pandas as pd
 
 from demar.io import atomic_write_text
 from reports.data import ABLATION_HEADS, ABLATION_LABELS, ABLATIONS, FAMILIES, RowData, metric_values, size_key
-from reports.stats import Summary, summarize, welch_p
+from reports.stats import Summary, holm, summarize, welch_p
 
 __all__ = [
     "PAPER_DIR",
@@ -116,7 +116,9 @@ def build_table4(
 
     Every size shown gets the four ablation rows; ours are empty where a row was not
     run. The p-value is Welch's t-test of each row's FID against the MAR row of the
-    same size over seeds (``n/a`` with fewer than two seeds on either side).
+    same size over seeds (``n/a`` with fewer than two seeds on either side); the three
+    p-values of a size are adjusted by Holm's method, and a difference is marked
+    significant where the adjusted value is below ``1 - confidence``.
 
     Args:
         rows: every row's data.
@@ -132,9 +134,11 @@ def build_table4(
         sizes = [s for s in run_sizes if sum((a, s) in groups for a in ABLATIONS) >= 2] or run_sizes
     metrics = [k for k in METRICS if k in PAPER_METRICS or metric_values(rows, k)]
 
+    alpha = 1.0 - confidence
     numeric, display = [], []
     for size in sizes:
         reference = groups.get(("mar", size), [])
+        size_num, size_disp = [], []
         for ablation in ABLATIONS:
             label = ABLATION_LABELS[ablation]
             members = groups.get((ablation, size), [])
@@ -161,14 +165,25 @@ def build_table4(
                 disp[f"{label_m} (ours)"] = format_summary(s, digits)
                 if ablation != "mar":
                     num[f"{key}_p_vs_mar"] = welch_p(values, metric_values(reference, key))
-            p = num.get("fid_p_vs_mar")
-            disp["p (FID vs MAR)"] = "ref." if ablation == "mar" else ("" if not members else format_p(p))
-            numeric.append(num)
-            display.append(disp)
+            size_num.append(num)
+            size_disp.append(disp)
+        # The three rows against MAR are one family of tests per size: Holm keeps its
+        # family-wise error rate at alpha.
+        adjusted = holm([num.get("fid_p_vs_mar") for num in size_num])
+        for num, disp, p_holm in zip(size_num, size_disp, adjusted, strict=True):
+            mar, empty = num["ablation"] == "mar", num["seeds"] == 0
+            num["fid_p_holm"] = p_holm
+            num["fid_significant"] = None if p_holm is None else bool(p_holm < alpha)
+            disp["p (FID vs MAR)"] = "ref." if mar else ("" if empty else format_p(num.get("fid_p_vs_mar")))
+            disp["p Holm"] = "ref." if mar else ("" if empty else format_p(p_holm))
+            disp[f"Sig. ({alpha:.2g})"] = "" if mar or empty or p_holm is None else ("yes" if p_holm < alpha else "no")
+        numeric.extend(size_num)
+        display.extend(size_disp)
     caption = (
         f"Table 4 (ablations). Paper: De-MAR-B on ImageNet 256x256 with CFG. Ours: preset '{preset}', "
         f"mean over seeds with its {confidence:.0%} t-interval in brackets; "
-        "p: Welch's t-test of FID against the MAR row of the same size."
+        "p: Welch's t-test of FID against the MAR row of the same size; p Holm: adjusted for the "
+        f"three comparisons of a size (Holm); Sig.: p Holm below {alpha:.2g}."
     )
     return Table("table4", caption, pd.DataFrame(numeric), pd.DataFrame(display))
 

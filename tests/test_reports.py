@@ -17,7 +17,7 @@ from reports.build import build_report
 from reports.data import MissingMetricsError, StaleMetricsError, load_row_data
 from reports.figures import time_fid_curves
 from reports.mlflow_runs import compare_runs
-from reports.stats import summarize, welch_p
+from reports.stats import holm, summarize, welch_p
 from reports.tables import build_table4, to_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -200,6 +200,31 @@ def test_summary_and_welch_match_scipy():
     assert welch_p(x, [1.0, 2.0, 2.5]) == pytest.approx(stats.ttest_ind(x, [1.0, 2.0, 2.5], equal_var=False).pvalue)
 
 
+def test_holm_adjusts_step_down_and_keeps_order():
+    # sorted 0.01, 0.03, 0.04 (m = 3): 0.03, max(0.03, 0.06) = 0.06, max(0.06, 0.04) = 0.06
+    assert holm([0.04, 0.01, 0.03]) == [pytest.approx(0.06), pytest.approx(0.03), pytest.approx(0.06)]
+    assert holm([0.5, 0.6]) == [pytest.approx(1.0), pytest.approx(1.0)]  # capped at 1
+    assert holm([None, 0.02, 0.04]) == [None, pytest.approx(0.04), pytest.approx(0.04)]  # None is not a test
+    assert holm([]) == []
+
+
+def test_table4_adjusts_the_three_comparisons_of_a_size_by_holm(built):
+    tree, _ = built
+    df = pd.read_csv(tree / "out" / "table4.csv")
+    tiny = df[df["size"] == "tiny"].set_index("ablation")
+    raw = [stats.ttest_ind(TINY_FID[a], TINY_FID["mar"], equal_var=False).pvalue for a in ("diff_head", "de_head", "demar")]
+    m = len(raw)
+    order = np.argsort(raw)
+    expected = np.maximum.accumulate([min(1.0, (m - k) * raw[i]) for k, i in enumerate(order)])
+    for k, i in enumerate(order):
+        ablation = ("diff_head", "de_head", "demar")[i]
+        assert tiny.loc[ablation, "fid_p_holm"] == pytest.approx(expected[k])
+        assert bool(tiny.loc[ablation, "fid_significant"]) == (expected[k] < 0.05)
+    assert np.isnan(tiny.loc["mar", "fid_p_holm"])
+    md = (tree / "out" / "table4.md").read_text()
+    assert "p Holm" in md and "Sig. (0.05)" in md
+
+
 def test_table2_inserts_our_family_rows_in_the_mask_group(built):
     tree, _ = built
     df = pd.read_csv(tree / "out" / "table2.csv")
@@ -223,8 +248,9 @@ def test_time_fid_points_are_averaged_over_seeds(tree):
     _, rows = load_row_data(tree / "params.yaml", tree / "metrics", tree / "samples")
     curves = time_fid_curves(rows)
     assert set(curves) == {("MAR", "tiny"), ("MAR", "small"), ("De-MAR", "tiny"), ("De-MAR", "small")}
-    # MAR tiny at 2 AR steps: seconds 0.02 and 0.04, FID 60 and 64
-    assert curves[("MAR", "tiny")][0] == (pytest.approx(0.03), pytest.approx(62.0))
+    # MAR tiny at 2 AR steps: seconds 0.02 and 0.04, FID 60 and 64; the error bar is the t-interval's half-width
+    half = stats.t.ppf(0.975, df=1) * stats.sem([60.0, 64.0])
+    assert curves[("MAR", "tiny")][0] == (pytest.approx(0.03), pytest.approx(62.0), pytest.approx(half))
     assert [p[0] for p in curves[("De-MAR", "small")]] == sorted(p[0] for p in curves[("De-MAR", "small")])
 
 

@@ -8,6 +8,7 @@ a tiny De-MAR trained for a few steps by the real ``train``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -40,6 +41,7 @@ from demar.tokenizer import Tokenizer, TokenizerConfig, file_sha256
 from demar.params import RowConfig, row_model_config
 from demar.train import train
 from demar.train_config import TrainConfig
+from reports.study_results import best_trials_table, load_study_results, studies_html
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "presets" / "embedded.yaml"
@@ -284,6 +286,29 @@ def test_two_workers_run_one_study_under_one_parent_run(tmp_path, assets, sessio
     logged = {a.path for a in client.list_artifacts(parent, "study")}
     assert {f"study/{n}" for n in names} == logged
     assert client.get_run(parent).data.metrics["pareto_size"] == len(front)
+
+    # best_trials.json says what the trials cost and which files they started from
+    summary = json.loads((tmp_path / "out" / "best_trials.json").read_text())
+    assert summary["stored_as"] == study.study_name and summary["row"] == "demar"
+    durations = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+    assert summary["trial_seconds"] == pytest.approx(durations, abs=0.1)
+    assert 0 < summary["wall_seconds"] < summary["trial_seconds"]  # two workers overlap
+    checkpoint = assets / "models" / "demar" / "model.pt"
+    assert summary["inputs"]["checkpoint"] == {"path": checkpoint.as_posix(), "sha256": file_sha256(checkpoint)}
+
+    # the report page's section: the front, the plots, the cost; a changed input is flagged
+    (result,) = load_study_results(tmp_path)
+    assert result.name == "cfg_test" and result.stale == []
+    assert sorted(best_trials_table(result)["trial"]) == sorted(front)
+    assert result.plots[0].name == "pareto_front.png"
+    html = studies_html([result])
+    assert "Pareto front" in html and html.count("<img") == len(result.plots) and 'class="note"' not in html
+    summary["inputs"]["checkpoint"]["sha256"] = "0" * 64
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "best_trials.json").write_text(json.dumps(summary))
+    older = [r for r in load_study_results(tmp_path) if r.folder.name == "older"][0]
+    assert len(older.stale) == 1 and "has changed since the study ran" in older.stale[0]
+    assert "has changed since the study ran" in studies_html([older])
 
 
 @pytest.mark.slow

@@ -133,6 +133,21 @@ class ParamSpec(StrictConfig):
         cast = int if self.type == "int" else float
         return [cast(self.low), cast(self.high)]
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is a point of this dimension (a choice, or a number within the bounds on the step grid)."""
+        if self.type == "categorical":
+            return value in (self.choices or ())
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.type == "int" and not isinstance(value, int):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        if self.step is None:
+            return True
+        steps = (value - self.low) / self.step
+        return abs(steps - round(steps)) < 1e-9
+
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
         """Draw this dimension's value for ``trial`` under the parameter name ``name``."""
         if self.type == "categorical":
@@ -201,6 +216,10 @@ class StudyConfig(StrictConfig):
             :class:`demar.model.ModelConfig`, :class:`demar.train_config.TrainConfig` or
             :class:`demar.generate.GenerateConfig`; nested with dots, e.g.
             ``model.noise_injection.max_step``, ``sample.sampler.cfg``).
+        enqueue: trials to run first, each a mapping of every ``space`` key to a value
+            inside its dimension, e.g. the row's current settings, so the report shows
+            what the search gains over them (default none). Run once, when the study
+            is created.
         heartbeat_s: seconds between a running trial's heartbeats in an RDB storage; a
             trial silent for twice as long (its worker was killed) is failed and queued
             again when a worker next starts a trial (default 60; None disables it).
@@ -217,6 +236,7 @@ class StudyConfig(StrictConfig):
     budget: Budget
     fixed: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, ParamSpec] = Field(min_length=1)
+    enqueue: tuple[dict[str, Any], ...] = ()
     heartbeat_s: int | None = Field(60, ge=1)
 
     # Cross-field checks sit on the later field, so an error names that key (the fields
@@ -242,6 +262,19 @@ class StudyConfig(StrictConfig):
     def _checkpoint_for_sampling_only(cls, v: BaseSpec, info: ValidationInfo) -> BaseSpec:
         if info.data.get("objective") == "training" and v.checkpoint is not None:
             raise ValueError("checkpoint is not used by the training objective")
+        return v
+
+    @field_validator("enqueue")
+    @classmethod
+    def _enqueued_points_lie_in_space(cls, v: tuple[dict[str, Any], ...], info: ValidationInfo) -> tuple:
+        space: dict[str, ParamSpec] = info.data.get("space") or {}
+        for i, point in enumerate(v):
+            if set(point) != set(space):
+                missing, extra = sorted(set(space) - set(point)), sorted(set(point) - set(space))
+                raise ValueError(f"enqueue[{i}] must set every space key: missing {missing}, not in space {extra}")
+            for key, value in point.items():
+                if not space[key].contains(value):
+                    raise ValueError(f"enqueue[{i}].{key} = {value!r} lies outside space.{key}")
         return v
 
     @field_validator("budget")

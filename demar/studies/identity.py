@@ -15,26 +15,23 @@ import json
 from pathlib import Path
 
 from demar.identity import code_digest
+from demar.io import file_sha256
 from demar.studies.base import StudyBase
 from demar.studies.config import StudyConfig
 
-__all__ = ["OBJECTIVES_MODULE", "storage_name", "study_identity"]
+__all__ = ["OBJECTIVES_MODULE", "file_digest", "storage_name", "study_identity"]
 
 OBJECTIVES_MODULE = "demar.studies.objectives"
 """The module whose code (with everything it imports) computes a trial's values."""
 
-FREE_KEYS = ("name", "n_trials", "pruner", "heartbeat_s", "base")
-"""Study-file keys outside the identity (``base`` enters through the resolved configs and files)."""
+FREE_KEYS = ("name", "n_trials", "pruner", "heartbeat_s", "base", "enqueue")
+"""Study-file keys outside the identity (``base`` enters through the resolved configs and files;
+``enqueue`` only picks points of the space, each computed as any other trial)."""
 
 
-def _file_digest(path: Path | None) -> str | None:
-    if path is None or not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def file_digest(path: Path | None) -> str | None:
+    """SHA-256 of a file, or None when there is no such file."""
+    return file_sha256(path) if path is not None and path.is_file() else None
 
 
 def study_identity(cfg: StudyConfig, base: StudyBase) -> dict[str, str]:
@@ -48,7 +45,7 @@ def study_identity(cfg: StudyConfig, base: StudyBase) -> dict[str, str]:
         "seed": base.seed,
         "configs": {k: c.model_dump(mode="json") for k, c in sorted(base.configs.items())},
         "evaluate": base.evaluate.model_dump(mode="json") if hasattr(base.evaluate, "model_dump") else str(base.evaluate),
-        "files": {k: _file_digest(p) for k, p in files.items()},
+        "files": {k: file_digest(p) for k, p in files.items()},
     }
     config = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
     return {"config": config, "code": code_digest(OBJECTIVES_MODULE)}

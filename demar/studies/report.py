@@ -15,11 +15,11 @@ import optuna
 from demar.io import atomic_write_bytes, atomic_write_text, write_json
 from demar.studies.base import resolve_base
 from demar.studies.config import StudyConfig, load_study_config
-from demar.studies.identity import storage_name, study_identity
+from demar.studies.identity import file_digest, storage_name, study_identity
 from demar.studies.storage import PARENT_RUN_ATTR, TRIAL_RUN_ATTR, default_storage, open_storage, redact
 from demar.tracking import RunLogger, TrackingError, check_tracking
 
-__all__ = ["REPORT_ROOT", "StudyReport", "report_study", "stored_study_name"]
+__all__ = ["REPORT_ROOT", "StudyReport", "report_study", "stored_study_name", "trial_times"]
 
 REPORT_ROOT = Path("reports") / "studies"  # beside reports/out, which the report stage owns
 """Default parent folder of the study reports (``<REPORT_ROOT>/<name>/``)."""
@@ -90,6 +90,29 @@ def _plots(study: optuna.Study, names: list[str], out: Path) -> list[Path]:
     return files
 
 
+def trial_times(trials: list[optuna.trial.FrozenTrial]) -> dict[str, float | None]:
+    """``trial_seconds`` (the finished trials' durations summed) and ``wall_seconds`` (first
+    start to last finish: with several workers, less than the sum)."""
+    done = [t for t in trials if t.datetime_start is not None and t.datetime_complete is not None]
+    if not done:
+        return {"trial_seconds": None, "wall_seconds": None}
+    total = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
+    span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+    return {"trial_seconds": round(total, 1), "wall_seconds": round(span.total_seconds(), 1)}
+
+
+def _inputs(cfg: StudyConfig) -> dict[str, dict[str, str | None]]:
+    """The files the trials started from, with their SHA-256, so a reader can tell a report
+    made from other weights or latents (``{}`` when params.yaml no longer resolves)."""
+    try:
+        base = resolve_base(cfg, check_files=False)
+    except Exception:  # noqa: BLE001 - the report's other parts do not need the inputs
+        return {}
+    files = {"tokenizer": base.tokenizer, "checkpoint": base.checkpoint,
+             "latents": base.latents / "manifest.json" if base.latents else None}  # fmt: skip
+    return {k: {"path": p.as_posix(), "sha256": file_digest(p)} for k, p in files.items() if p is not None}
+
+
 def stored_study_name(cfg: StudyConfig, url: str) -> str:
     """The name under which ``cfg``'s study is stored: the one of the current code and config if the
     storage holds it, else the latest (said in one line).
@@ -158,7 +181,17 @@ def report_study(
         for t in sorted(best_trials, key=lambda t: t.number)
     ]
     files = [out / "best_trials.json", out / "trials.csv"]
-    write_json(files[0], {"study": cfg.name, "objectives": cfg.objectives, "counts": counts, "best": best})
+    summary = {
+        "study": cfg.name,
+        "stored_as": study.study_name,
+        "objectives": cfg.objectives,
+        "row": cfg.base.row,
+        "counts": counts,
+        **trial_times(trials),
+        "inputs": _inputs(cfg),
+        "best": best,
+    }
+    write_json(files[0], summary)
     atomic_write_text(files[1], study.trials_dataframe().to_csv(index=False) if trials else "")
     files += _plots(study, names, out)
 

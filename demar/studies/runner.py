@@ -231,6 +231,8 @@ def open_study(cfg: StudyConfig, base: StudyBase, url: str) -> tuple[optuna.Stud
             study_name=name, storage=storage, directions=cfg.directions, sampler=sampler, pruner=pruner
         )
         study.set_user_attr(IDENTITY_ATTR, identity)
+        for point in cfg.enqueue:  # run first, before the sampler's own draws
+            study.enqueue_trial(dict(point), skip_if_exists=True)
         created = True
         _announce_new_identity(cfg, url, name)
     except optuna.exceptions.DuplicatedStudyError:
