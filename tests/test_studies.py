@@ -122,6 +122,10 @@ def session_mlflow(tmp_path_factory):
     mlflow.set_tracking_uri(None)
 
 
+ENQUEUED = {"sample.sampler.cfg": 1.5, "sample.sampler.cfg_schedule": "linear", "sample.sampler.num_iter": 3}
+"""A point of :func:`write_study`'s space."""
+
+
 def write_study(path: Path, assets: Path, **overrides) -> Path:
     """A tiny cfg study (sampling objective) on the session's checkpoint, as a YAML file."""
     study = {
@@ -180,11 +184,23 @@ def test_unknown_keys_are_errors_naming_key_and_file(tmp_path, assets):
         ({"space": {"sample.sampler.cfg": {"type": "float", "low": 0.0, "high": 2.0, "log": True}}}, "low > 0"),
         ({"space": {"sample.sampler.cfg_schedule": {"type": "categorical", "choices": []}}}, "non-empty 'choices'"),
         ({"budget": {"images": 10, "train_steps": 5}}, r"budget: Value error, train_steps: used by the training"),
+        ({"enqueue": [{"sample.sampler.cfg": 2.0}]}, r"enqueue\[0\] must set every space key: missing \['sample.sampler.cfg_sch"),
+        ({"enqueue": [{**ENQUEUED, "sample.sampler.cfg": 9.0}]}, r"enqueue\[0\].sample.sampler.cfg = 9.0 lies outside"),
+        ({"enqueue": [ENQUEUED, {**ENQUEUED, "sample.sampler.num_iter": 2.5}]}, r"enqueue\[1\].sample.sampler.num_iter"),
+        ({"enqueue": [{**ENQUEUED, "sample.sampler.cfg_schedule": "cosine"}]}, r"cfg_schedule = 'cosine' lies outside"),
     ],
 )
 def test_invalid_study_files_are_rejected(tmp_path, assets, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_study_config(write_study(tmp_path / "s.yaml", assets, **overrides))
+
+
+def _dotted(configs: dict, key: str):
+    section, *path = key.split(".")
+    value = configs[section]
+    for name in path:
+        value = getattr(value, name)
+    return value
 
 
 def test_shipped_study_files_fit_the_embedded_preset():
@@ -193,11 +209,20 @@ def test_shipped_study_files_fit_the_embedded_preset():
     assert noise.objective == "training" and noise.directions == ["minimize"] and noise.pruner.kind == "median"
     assert {"model.noise_injection.max_step", "model.diffusion.schedule", "model.lambda_refine"} <= set(noise.space)
     assert cfg.objective == "sampling" and list(cfg.objectives) == ["fid", "sec_per_image"]
-    for study in (noise, cfg):  # every bound and choice is a valid value of the preset's configs
+    shipped = sorted((REPO / "studies").glob("*.yaml"))
+    assert {p.stem for p in shipped} >= {"cfg", "cfg_mar", "noise_schedule", "reference_mar", "reference_demar"}
+    for path in shipped:  # every bound and choice is a valid value of the preset's configs
+        study = load_study_config(path)
         study = study.model_copy(update={"base": study.base.model_copy(update={"params": str(PRESET)})})
         base = resolve_base(study, check_files=False)
         check_space(study, base, source=study.name)
         assert base.preset == "embedded"
+        if study.name in ("cfg", "cfg_mar", "noise_schedule"):  # trial 0 is the preset's own setting
+            assert study.enqueue[0] == {key: _dotted(base.configs, key) for key in study.space}, study.name
+    for row in ("mar", "demar"):  # the yardsticks train as the noise study does, one trial per seed
+        ref = load_study_config(REPO / "studies" / f"reference_{row}.yaml")
+        assert ref.base.row == row and ref.budget == noise.budget
+        assert sorted(p["train.seed"] for p in ref.enqueue) == [0, 1, 2] and ref.n_trials == 3
 
 
 def test_a_space_key_naming_no_field_fails_before_any_trial(tmp_path, assets, session_mlflow):
@@ -251,12 +276,13 @@ def test_redact_hides_passwords():
 
 @pytest.mark.slow
 def test_two_workers_run_one_study_under_one_parent_run(tmp_path, assets, session_mlflow):
-    config = write_study(tmp_path / "cfg_test.yaml", assets, n_trials=4)
+    config = write_study(tmp_path / "cfg_test.yaml", assets, n_trials=4, enqueue=[ENQUEUED])
     report = run_study(config, workers=2, work_dir=tmp_path / "work", out_dir=tmp_path / "out", progress=False)
 
     study = load(config)
     trials = study.get_trials()
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert trials[0].params == ENQUEUED  # the enqueued point runs first, once
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # no repeated draws
     workers = Counter(t.user_attrs["worker"] for t in trials)
