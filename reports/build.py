@@ -110,7 +110,7 @@ def build_report(
     *,
     tracking_uri: str | None = None,
     use_mlflow: bool = True,
-    studies_dir: str | os.PathLike[str] | None = "reports/studies",
+    studies_dir: str | os.PathLike[str] | None = None,
 ) -> ReportResult:
     """Build all tables, figures, the MLflow comparison and the HTML page.
 
@@ -121,8 +121,8 @@ def build_report(
         out_dir: where the reports go (default ``"reports/out"``).
         tracking_uri: the MLflow store; None means ``demar.tracking.tracking_uri()`` (default None).
         use_mlflow: read MLflow for the comparison and training curves (default True).
-        studies_dir: the Optuna studies' report folders, shown in their own section
-            (default ``"reports/studies"``; None leaves the section out).
+        studies_dir: the Optuna studies' report folders (``reports/studies``), shown in
+            their own section; None leaves the section out (default None).
 
     Raises:
         reports.data.MissingMetricsError: a row of ``params.yaml`` lacks a metric file.

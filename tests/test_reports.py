@@ -340,3 +340,11 @@ def test_mlflow_comparison_and_report_stage(tree, mlflow_uri, monkeypatch):
     assert len(report_runs) == 1 and report_runs.iloc[0]["status"] == "FINISHED"
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(report_runs.iloc[0]["run_id"], "report")]
     assert "report/index.html" in artifacts and "report/table4.md" in artifacts
+
+
+def test_the_page_has_a_studies_section_only_when_asked(tree):
+    page = lambda: (tree / "out" / "index.html").read_text()  # noqa: E731
+    build(tree)
+    assert "Optuna studies" not in page()
+    build(tree, studies_dir=tree / "no_studies")
+    assert "<h2>Optuna studies</h2>" in page() and "No study report" in page()
