@@ -8,6 +8,7 @@ by injection level, the reliability of the assessment scores, and the masked-tok
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,10 @@ def load_diagnostics(metrics_dir: str | os.PathLike[str], rows: list[RowData]) -
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
-    return "" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    """A cell: blank where a row has no such value (None, or NaN once in a DataFrame)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def diagnostics_table(records: dict[str, dict[str, Any]], rows: list[RowData]) -> Table:

@@ -135,3 +135,6 @@ def test_report_shows_the_diagnostics_of_the_rows_that_have_them(tmp_path):
         assert (tmp_path / "out" / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
     html = (tmp_path / "out" / "index.html").read_text()
     assert "Diagnostics of the denoising head" in html and "Assessment calibration" in html
+    md = (tmp_path / "out" / "diagnostics.md").read_text()
+    mar_line = next(line for line in md.splitlines() if line.startswith("| mar_tiny_s0 "))
+    assert "nan" not in md and "|  |" in mar_line  # MAR has no refinement: blank cells, not NaN
