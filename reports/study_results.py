@@ -34,7 +34,6 @@ class StudyResult:
         name: the study's name.
         folder: its report folder.
         summary: ``best_trials.json``.
-        trials: ``trials.csv`` (None when absent or empty).
         stale: one line per input file whose current content differs from the one the
             trials used (empty when every recorded input matches).
     """
@@ -42,7 +41,6 @@ class StudyResult:
     name: str
     folder: Path
     summary: dict[str, Any]
-    trials: pd.DataFrame | None
     stale: list[str]
 
     @property
@@ -75,10 +73,8 @@ def load_study_results(studies_dir: str | Path, root: str | Path = ".") -> list[
     for summary_file in sorted(Path(studies_dir).glob("*/best_trials.json")):
         folder = summary_file.parent
         summary = read_json(summary_file)
-        trials_csv = folder / "trials.csv"
-        trials = pd.read_csv(trials_csv) if trials_csv.is_file() and trials_csv.stat().st_size else None
         stale = _stale_inputs(summary, Path(root))
-        results.append(StudyResult(summary.get("study", folder.name), folder, summary, trials, stale))
+        results.append(StudyResult(summary.get("study", folder.name), folder, summary, stale))
     return results
 
 

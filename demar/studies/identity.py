@@ -19,7 +19,7 @@ from demar.io import file_sha256
 from demar.studies.base import StudyBase
 from demar.studies.config import StudyConfig
 
-__all__ = ["OBJECTIVES_MODULE", "file_digest", "storage_name", "study_identity"]
+__all__ = ["OBJECTIVES_MODULE", "file_digest", "input_files", "storage_name", "study_identity"]
 
 OBJECTIVES_MODULE = "demar.studies.objectives"
 """The module whose code (with everything it imports) computes a trial's values."""
@@ -34,11 +34,17 @@ def file_digest(path: Path | None) -> str | None:
     return file_sha256(path) if path is not None and path.is_file() else None
 
 
+def input_files(base: StudyBase) -> dict[str, Path | None]:
+    """The files a study's trials start from: tokenizer, checkpoint and the latents' manifest
+    (None where the objective uses none)."""
+    return {"tokenizer": base.tokenizer, "checkpoint": base.checkpoint,
+            "latents": base.latents / "manifest.json" if base.latents else None}  # fmt: skip
+
+
 def study_identity(cfg: StudyConfig, base: StudyBase) -> dict[str, str]:
     """``{"config": sha256, "code": sha256}`` of what computes the trials of ``cfg`` from ``base``."""
     study = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in FREE_KEYS}
-    files = {"tokenizer": base.tokenizer, "checkpoint": base.checkpoint,
-             "latents": base.latents / "manifest.json" if base.latents else None}  # fmt: skip
+    files = input_files(base)
     record = {
         "study": study,
         "row": base.row,

@@ -15,7 +15,7 @@ import optuna
 from demar.io import atomic_write_bytes, atomic_write_text, write_json
 from demar.studies.base import resolve_base
 from demar.studies.config import StudyConfig, load_study_config
-from demar.studies.identity import file_digest, storage_name, study_identity
+from demar.studies.identity import file_digest, input_files, storage_name, study_identity
 from demar.studies.storage import PARENT_RUN_ATTR, TRIAL_RUN_ATTR, default_storage, open_storage, redact
 from demar.tracking import RunLogger, TrackingError, check_tracking
 
@@ -108,9 +108,7 @@ def _inputs(cfg: StudyConfig) -> dict[str, dict[str, str | None]]:
         base = resolve_base(cfg, check_files=False)
     except Exception:  # noqa: BLE001 - the report's other parts do not need the inputs
         return {}
-    files = {"tokenizer": base.tokenizer, "checkpoint": base.checkpoint,
-             "latents": base.latents / "manifest.json" if base.latents else None}  # fmt: skip
-    return {k: {"path": p.as_posix(), "sha256": file_digest(p)} for k, p in files.items() if p is not None}
+    return {k: {"path": p.as_posix(), "sha256": file_digest(p)} for k, p in input_files(base).items() if p is not None}
 
 
 def stored_study_name(cfg: StudyConfig, url: str) -> str:
