@@ -16,7 +16,8 @@ Every stage pins its own CPU threads (``threads`` in ``dvc.yaml``), so ``jobs x 
 should not exceed the cores: a stage whose threads are taken by another slows down
 many times over. Each stage's output goes to ``<log_dir>/<stage>.log``; a failure
 prints its tail and stops new stages from starting (``--keep-going`` carries on with
-the stages that do not depend on it).
+the stages that do not depend on it). With ``jobs > 1`` the stages' sqlite MLflow store
+is created first when it does not exist (:func:`create_tracking_store`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["StageResult", "pipeline_graph", "run_parallel"]
+__all__ = ["StageResult", "create_tracking_store", "pipeline_graph", "run_parallel"]
 
 
 
@@ -79,6 +80,37 @@ def pipeline_graph(root: str | os.PathLike[str] = ".", targets: Sequence[str] = 
             keep.add(stage)
             todo.extend(upstream[stage])
     return {stage: deps for stage, deps in upstream.items() if stage in keep}
+
+
+def create_tracking_store(root: str | os.PathLike[str]) -> Path | None:
+    """Create the stages' sqlite MLflow store before stages run side by side; return it if created.
+
+    Processes that all open a sqlite store which does not exist yet race to create its
+    tables, and all but one fail. The store is the one the stages will use
+    (``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` at ``root``); nothing is done for a
+    server URI, an existing file, or ``tracking.enabled: false`` in ``root/params.yaml``.
+    A store that cannot be created is left to the stages, whose checks name the problem.
+    """
+    import yaml
+
+    root = Path(root)
+    try:
+        params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+        if not (params.get("tracking") or {}).get("enabled", True):
+            return None
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None  # the check_params stage reports a params file it cannot read
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :])
+    if db.exists():
+        return None
+    import mlflow
+
+    with contextlib.suppress(Exception):
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    return db if db.exists() else None
 
 
 def _downstream_counts(graph: dict[str, list[str]]) -> dict[str, int]:
@@ -140,6 +172,8 @@ def run_parallel(
     from demar.tracking import repro_id
 
     env = {**os.environ, "DEMAR_REPRO_ID": repro_id()}
+    if jobs > 1:
+        create_tracking_store(root)
     order = {stage: i for i, stage in enumerate(graph)}
     priority = _downstream_counts(graph)
     pending = set(graph)

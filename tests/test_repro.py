@@ -136,3 +136,53 @@ def test_a_stage_that_ends_while_another_process_holds_the_lock_is_still_recorde
     assert [r.status for r in results] == ["ran"], lines
     assert (tmp_path / "runs.txt").read_text() == "x", "the stage ran once"
     assert _status(tmp_path) == {}, "and its run is recorded in dvc.lock"
+
+
+# Two stages that are the first to use the MLflow store, started together: each opens it and
+# writes whether the store's file existed when it started.
+OPEN_STORE = (
+    "{py} -c \"import os; seen = os.path.exists(r'{db}'); import mlflow; "
+    "mlflow.MlflowClient(tracking_uri=r'sqlite:///{db}').search_experiments(); open('{name}.txt','w').write(str(seen))\""
+)
+
+
+def _store_project(root: Path, db: Path, tracking: bool) -> None:
+    py = sys.executable
+    stages = {name: {"cmd": OPEN_STORE.format(py=py, db=db, name=name), "outs": [f"{name}.txt"]} for name in "bc"}
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": tracking}}))
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_stages_side_by_side_find_the_tracking_store_created(tmp_path, monkeypatch):
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    (tmp_path / "p").mkdir()
+    _store_project(tmp_path / "p", db, tracking=True)
+    lines: list[str] = []
+    results = run_parallel(pipeline_graph(tmp_path / "p"), jobs=2, root=tmp_path / "p", echo=lines.append)
+    assert [r.status for r in results] == ["ran", "ran"], lines
+    assert {(tmp_path / "p" / f"{n}.txt").read_text() for n in "bc"} == {"True"}, "both found the store made"
+
+
+def test_tracking_store_is_created_once_and_only_when_tracked(tmp_path, monkeypatch):
+    from demar.repro import create_tracking_store
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": False}}))
+    assert create_tracking_store(tmp_path) is None and not db.exists()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": True}}))
+    assert create_tracking_store(tmp_path) == db and db.is_file()
+    assert create_tracking_store(tmp_path) is None, "an existing store is left as it is"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": True}}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert create_tracking_store(other) is None, "a server is not created"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert create_tracking_store(other) == (other / "mlflow.db").resolve(), "default: mlflow.db at the root"
