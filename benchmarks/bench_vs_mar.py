@@ -154,19 +154,30 @@ def official_param_groups(model: nn.Module) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the two steps
 
 
-def our_step(model: DeMAR, batch: int, seed: int) -> Callable[[], None]:
-    """One step of our engine's order: forward, backward, clip, AdamW, EMA."""
+def our_step(
+    model: DeMAR,
+    batch: int,
+    seed: int,
+    *,
+    lr: float = LR,
+    betas: tuple[float, float] = BETAS,
+    weight_decay: float = WEIGHT_DECAY,
+    grad_clip: float = GRAD_CLIP,
+    ema_rate: float = EMA_RATE,
+    fused: bool = False,
+) -> Callable[[], None]:
+    """One step of our engine's order on a fixed random batch: forward, backward, clip, AdamW, EMA."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randn(batch, cfg.seq_len, cfg.token_dim, generator=g)
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=g)
-    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS)
-    ema = EMA(model, EMA_RATE)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+    ema = EMA(model, ema_rate)
 
     def step() -> None:
         out = model(tokens, labels, generator=g)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model)
@@ -196,8 +207,8 @@ def official_step(model: nn.Module, cfg: ModelConfig, batch: int, seed: int) -> 
     return step
 
 
-def step_flops(model: DeMAR, batch: int) -> int:
-    """FLOPs of one forward + backward of our model (the optimizer's elementwise work left out)."""
+def step_flop_counts(model: DeMAR, batch: int) -> dict[str, int]:
+    """FLOPs of one forward + backward of our model by op (``"aten.mm"``, ...); the optimizer's work is left out."""
     cfg = model.cfg
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(batch, cfg.seq_len, cfg.token_dim, generator=g)
@@ -206,7 +217,12 @@ def step_flops(model: DeMAR, batch: int) -> int:
     with counter:
         model(tokens, labels, generator=g).loss.backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def step_flops(model: DeMAR, batch: int) -> int:
+    """FLOPs of one forward + backward of our model (the optimizer's elementwise work left out)."""
+    return sum(step_flop_counts(model, batch).values())
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:

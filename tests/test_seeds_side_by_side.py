@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from test_train import TINY_KNOBS, assert_same_weights, weights, write_latents
+from test_train import assert_same_weights, stage_params, weights, write_latents
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
@@ -25,24 +25,10 @@ STEPS = 40  # 10 epochs of 32 images at batch 8
 
 
 def write_params(root: Path) -> Path:
-    params = {
-        "preset": "testing",
-        "model": dict(TINY_KNOBS),
-        "rows": {f"s{seed}": {"ablation": "demar", "size": "tiny", "seed": seed} for seed in SEEDS},
-        "train": {
-            "batch_size": 8,
-            "micro_batches": 1,
-            "base_lr": 4e-3,
-            "epochs": 10.0,  # 32 images / batch 8 = 4 steps per epoch -> 40 steps
-            "warmup_epochs": 1.0,
-            "ema_rate": 0.9,
-            "checkpoint_every": 5,
-            "log_every": 5,
-            "num_workers": 0,
-        },
-        "tracking": {"enabled": True, "system_metrics": False},
-    }
-    path = root / "params.yaml"
+    """The train stage's test params (tests/test_train.py) with three rows that differ only in the seed."""
+    path = stage_params(root, epochs=10.0, warmup_epochs=1.0, checkpoint_every=5, log_every=5)  # 40 steps
+    params = yaml.safe_load(path.read_text())
+    params["rows"] = {f"s{seed}": {"ablation": "demar", "size": "tiny", "seed": seed} for seed in SEEDS}
     path.write_text(yaml.safe_dump(params))
     return path
 
