@@ -30,15 +30,19 @@ def test_matmul_share_tells_matmuls_from_elementwise_work():
     assert 0.0 < mixed < 0.9
 
 
-def test_matmul_flops_count_the_step_and_match_the_shape():
+def test_matmul_flops_count_the_whole_step_and_grow_with_the_batch():
     bench = load_bench()
     from demar.model import DeMAR, ModelConfig
 
+    from bench_vs_mar import step_flops
+
     cfg = ModelConfig.from_size("micro", token_dim=8, seq_len=16, patch_size=1, buffer_size=4, num_classes=10)
     torch.manual_seed(0)
-    mm, total = bench.matmul_flops(DeMAR(cfg), batch=4)
+    model = DeMAR(cfg)
+    mm, total = bench.matmul_flops(model, batch=4), step_flops(model, batch=4)
     assert 0 < mm <= total
-    # One projection alone: 2 m k n FLOPs forward.
+    # Twice the images: more work even where the masking draw differs (at least 12 of 16 tokens masked).
+    assert bench.matmul_flops(model, batch=8) > mm
     assert bench.shape_rate(8, 8, 8, repeats=3) > 0
 
 

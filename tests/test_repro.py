@@ -146,13 +146,13 @@ OPEN_STORE = (
 )
 
 
-def _store_project(root: Path, db: Path, tracking: bool) -> None:
+def _store_project(root: Path, db: Path) -> None:
     py = sys.executable
     stages = {name: {"cmd": OPEN_STORE.format(py=py, db=db, name=name), "outs": [f"{name}.txt"]} for name in "bc"}
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
-    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": tracking}}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": True}}))
 
 
 @pytest.mark.slow
@@ -162,7 +162,7 @@ def test_stages_side_by_side_find_the_tracking_store_created(tmp_path, monkeypat
     db.parent.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     (tmp_path / "p").mkdir()
-    _store_project(tmp_path / "p", db, tracking=True)
+    _store_project(tmp_path / "p", db)
     lines: list[str] = []
     results = run_parallel(pipeline_graph(tmp_path / "p"), jobs=2, root=tmp_path / "p", echo=lines.append)
     assert [r.status for r in results] == ["ran", "ran"], lines

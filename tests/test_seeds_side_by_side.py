@@ -17,9 +17,11 @@ import pytest
 import torch
 import yaml
 
-from test_train import assert_same_weights, stage_params, weights, write_latents
+from test_train import REPO, assert_same_weights, stage_params, weights, write_latents
 
-REPO = Path(__file__).resolve().parents[1]
+from demar.repro import create_tracking_store
+from demar.tracking import UNSYNCED_ENV
+
 SEEDS = (0, 1, 2)
 STEPS = 40  # 10 epochs of 32 images at batch 8
 
@@ -48,19 +50,10 @@ def start_stage(root: Path, group: str, seed: int) -> subprocess.Popen:
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / group / 'mlflow.db'}",
-        "DEMAR_UNSYNCED_DIR": str(root / group / "unsynced"),
+        UNSYNCED_ENV: str(root / group / "unsynced"),
     }
     cmd = [sys.executable, "-m", "pipelines.train", *stage_args(root, group, seed)]
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def create_store(path: Path) -> None:
-    """Create the sqlite MLflow store before the stages share it, as the pipeline's first stages do
-    (processes that open a store which does not exist yet all try to create its tables)."""
-    import mlflow
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -96,8 +89,9 @@ def finished_runs(store: Path) -> dict[str, dict]:
 def test_seeds_side_by_side_equal_lone_runs_and_a_killed_seed_resumes(tmp_path, monkeypatch):
     write_latents(tmp_path / "latents")
     write_params(tmp_path)
-    for group in ("side", "alone"):
-        create_store(tmp_path / group / "mlflow.db")
+    for group in ("side", "alone"):  # as `demar repro --jobs 2` does before stages run side by side
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / group / 'mlflow.db'}")
+        assert create_tracking_store(tmp_path) == tmp_path / group / "mlflow.db"
     # Side by side: three stage processes at once; seed 1 is killed once it has checkpointed step 10.
     procs = {seed: start_stage(tmp_path, "side", seed) for seed in SEEDS}
     victim = tmp_path / "side" / "models" / "s1" / "checkpoints" / "last.pt"
@@ -123,7 +117,7 @@ def test_seeds_side_by_side_equal_lone_runs_and_a_killed_seed_resumes(tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'alone' / 'mlflow.db'}")
-    monkeypatch.setenv("DEMAR_UNSYNCED_DIR", str(tmp_path / "alone" / "unsynced"))
+    monkeypatch.setenv(UNSYNCED_ENV, str(tmp_path / "alone" / "unsynced"))
     assert torch.get_num_threads() == 1
     for seed in SEEDS:
         assert train_stage(stage_args(tmp_path, "alone", seed)) == 0
